@@ -1,0 +1,144 @@
+"""`RollingKVCache`: per-layer key/value buffers of a fixed capacity, written modulo capacity.
+
+With a sliding window W the capacity is W, so memory stops growing once W tokens have been seen,
+however long the generation runs. Each slot remembers the absolute position it holds
+(`slot_pos`, -1 when empty), so the cache alone answers "which keys may this query see?" through
+`attention_mask`, for prefill, chunked prefill, ragged batches and decode alike.
+
+Keys are stored after RoPE, so a slot never needs re-rotating when the buffer wraps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask (B, 1, T, S): query at q_pos[b, t] may attend the key at k_pos[b, s].
+
+    A key is visible when it is valid (position >= 0), not in the future, and (with a sliding
+    window W) among the last W positions including the query's own (transformers' convention).
+    Padding queries (position < 0) see every key, which keeps their (unused) output finite.
+    """
+    qp = q_pos[:, None, :, None]
+    kp = k_pos[:, None, None, :]
+    mask = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        mask &= kp > qp - window
+    return mask | (qp < 0)
+
+
+class RollingKVCache:
+    """Rolling-buffer key/value cache for all layers of one batch of sequences.
+
+    k[i], v[i]: (B, n_kv_heads, capacity, head_dim) for layer i.
+    slot_pos:   (B, capacity) absolute position held by each slot, -1 when empty.
+    next_pos:   (B,) position the next token of each row will take.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
+                 capacity: int, window: int | None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        if capacity <= 0 or batch_size <= 0:
+            raise ValueError(f"cache capacity and batch size must be positive, got {capacity} and {batch_size}")
+        if window is not None and capacity < window:
+            raise ValueError(f"cache capacity {capacity} is smaller than the sliding window {window}")
+        shape = (batch_size, n_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.slot_pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.capacity = capacity
+        self.window = window
+        self.length = 0  # max over rows of positions seen so far (host-side, for slicing)
+
+    @property
+    def batch_size(self) -> int:
+        return self.slot_pos.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes held by the key/value buffers and slot positions."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, self.slot_pos))
+
+    def reset(self) -> None:
+        self.slot_pos.fill_(-1)
+        self.next_pos.zero_()
+        self.length = 0
+
+    # ------------------------------------------------------------------ one forward step
+    def plan(self, q_pos: torch.Tensor, new_length: int) -> "CacheStep":
+        """Decide how a chunk of queries at `q_pos` (B, T) reads and writes the cache.
+
+        write-first: the chunk is written, then attention reads the buffer (no copy). This is
+        exact when no slot still needed by a query of the chunk gets overwritten: for one token
+        at a time with capacity >= window, or while the buffer has not wrapped.
+        read-then-write: attention reads [old buffer ++ new keys], then the chunk is written.
+        """
+        T = q_pos.shape[1]
+        wraps = new_length > self.capacity
+        if self.window is None and wraps:
+            raise ValueError(
+                f"sequence of {new_length} tokens exceeds the cache capacity of {self.capacity} "
+                "(the model has no sliding window, so the cache must hold every position)"
+            )
+        index = self._write_index(q_pos)
+        if T == 1 or not wraps:
+            used = min(new_length, self.capacity)
+            rows, cols, slots = index
+            k_pos = self.slot_pos.clone()
+            k_pos[rows, slots] = q_pos[rows, cols]
+            return CacheStep(self, q_pos, k_pos[:, :used], index, write_first=True, used=used)
+        if self.length == 0:  # nothing cached yet: the chunk attends only to itself
+            return CacheStep(self, q_pos, q_pos, index, write_first=False, used=0)
+        k_pos = torch.cat([self.slot_pos, q_pos], dim=1)
+        return CacheStep(self, q_pos, k_pos, index, write_first=False, used=self.capacity)
+
+    def _write_index(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, chunk index, slot) of each new token to store: valid and among its row's last `capacity`."""
+        T = q_pos.shape[1]
+        if T == 1 and bool((q_pos >= 0).all()):  # decode: one token per row, no host-side nonzero
+            rows = torch.arange(q_pos.shape[0], device=q_pos.device)
+            return rows, torch.zeros_like(rows), q_pos[:, 0] % self.capacity
+        last = q_pos.max(dim=1, keepdim=True).values
+        keep = (q_pos >= 0) & (q_pos > last - self.capacity)
+        rows, cols = keep.nonzero(as_tuple=True)
+        return rows, cols, q_pos[rows, cols] % self.capacity
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              index: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Store new keys/values (B, n_kv_heads, T, head_dim) of `layer` at `index` (see `_write_index`)."""
+        rows, cols, slots = index
+        self.k[layer][rows, :, slots] = k[rows, :, cols]
+        self.v[layer][rows, :, slots] = v[rows, :, cols]
+
+    def commit(self, step: "CacheStep", new_length: int) -> None:
+        """Record the chunk's positions once every layer has written it."""
+        rows, cols, slots = step.index
+        self.slot_pos[rows, slots] = step.q_pos[rows, cols]
+        self.next_pos = step.q_pos.max(dim=1).values.clamp(min=-1) + 1
+        self.length = new_length
+
+
+class CacheStep:
+    """How one forward chunk uses the cache: the key positions, the mask, and per-layer k/v."""
+
+    def __init__(self, cache: RollingKVCache, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                 index: tuple[torch.Tensor, torch.Tensor, torch.Tensor], write_first: bool,
+                 used: int) -> None:
+        self.cache, self.q_pos, self.k_pos, self.index = cache, q_pos, k_pos, index
+        self.write_first, self.used = write_first, used
+        self.mask = attention_mask(q_pos, k_pos, cache.window)
+
+    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (B, n_kv_heads, S, head_dim) this chunk attends to, matching `k_pos`."""
+        c = self.cache
+        if self.write_first:
+            c.write(layer, k, v, self.index)
+            return c.k[layer][:, :, : self.used], c.v[layer][:, :, : self.used]
+        if self.used == 0:
+            c.write(layer, k, v, self.index)
+            return k, v
+        keys = torch.cat([c.k[layer], k], dim=2)
+        values = torch.cat([c.v[layer], v], dim=2)
+        c.write(layer, k, v, self.index)
+        return keys, values

@@ -1,0 +1,227 @@
+"""The Mistral transformer, top to bottom.
+
+    tokens (B, T) -> embed_tokens -> N x DecoderLayer -> norm -> lm_head -> logits (B, T, V)
+    DecoderLayer: x + Attention(RMSNorm(x)), then h + FeedForward(RMSNorm(h))
+
+Module and parameter names are transformers' `MistralForCausalLM` names, so `state_dict()` keys
+are HF keys and checkpoints load without renaming. RMSNorm and RoPE run in fp32 as in the
+reference. Attention is grouped-query (n_kv_heads <= n_heads) with an optional sliding window,
+through `scaled_dot_product_attention`; inference goes through a `RollingKVCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .cache import CacheStep, RollingKVCache, attention_mask
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, 1, T, head_dim) in fp32 for absolute `positions` (B, T)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, head_dim) by RoPE in the half-split layout transformers' weights use."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                step: CacheStep | None, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if step is not None:
+            k, v = step.keys_values(layer, k, v)  # (B, nkv, S, hd), S = keys visible to this chunk
+            mask = step.mask
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:  # plain causal attention over the chunk itself
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = FeedForward(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                step: CacheStep | None, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, step, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """Mistral decoder-only LM. `logits, cache = model(tokens)`; continue with `cache=cache`."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+            layers=nn.ModuleList(DecoderLayer(args) for _ in range(args.n_layers)),
+            norm=RMSNorm(args.dim, args.norm_eps),
+        ))
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.activation_checkpointing = False  # set by the trainer
+
+    @classmethod
+    def from_name(cls, name: str) -> "Transformer":
+        return cls(ModelArgs.from_name(name))
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Transformer":
+        """Normal(0, std) linear/embedding weights, unit norms (transformers' initialisation)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        return self
+
+    def new_cache(self, batch_size: int, capacity: int | None = None) -> RollingKVCache:
+        """An empty cache: capacity = sliding window (default), or max_seq_len without one."""
+        a = self.args
+        if capacity is None:
+            capacity = a.sliding_window or a.max_seq_len
+        if a.sliding_window is not None:
+            capacity = max(capacity, a.sliding_window)
+        w = self.lm_head.weight
+        return RollingKVCache(a.n_layers, batch_size, a.n_kv_heads, a.head_dim, capacity,
+                              a.sliding_window, dtype=w.dtype, device=w.device)
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must have shape (batch, seq_len) with seq_len >= 1, got {tuple(tokens.shape)}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.args.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size})")
+
+    def forward(self, tokens: torch.Tensor, cache: RollingKVCache | None = None,
+                positions: torch.Tensor | None = None, *, use_cache: bool = True,
+                last_logits_only: bool = False) -> tuple[torch.Tensor, RollingKVCache | None]:
+        """Logits (B, T, V) (or (B, 1, V) with `last_logits_only`) and the updated cache.
+
+        tokens:    (B, T) integer ids.
+        cache:     continue from this cache; a new one is made when None and `use_cache`.
+        positions: (B, T) absolute positions, -1 for padding (default: continue each row).
+        use_cache: False for training/scoring: one pass over the sequence, no cache kept.
+        Prompts longer than the window go through the cache in chunks of at most the window.
+        """
+        self._check_tokens(tokens)
+        B, T = tokens.shape
+        a = self.args
+        if not use_cache:
+            if positions is None:
+                positions = torch.arange(T, device=tokens.device).expand(B, T)
+            self._check_length(int(positions.max()) + 1)
+            return self._run(tokens, positions, None, last_logits_only), None
+        if cache is None:
+            cache = self.new_cache(B)
+        elif cache.batch_size != B:
+            raise ValueError(f"cache was made for batch size {cache.batch_size}, but tokens have batch size {B}")
+        if positions is None:
+            positions = cache.next_pos[:, None] + torch.arange(T, device=tokens.device)
+        elif positions.shape != tokens.shape:
+            raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens shape {tuple(tokens.shape)}")
+        chunk = a.sliding_window or T
+        outs = []
+        for s in range(0, T, chunk):
+            tok, pos = tokens[:, s:s + chunk], positions[:, s:s + chunk]
+            new_length = max(cache.length, int(pos.max()) + 1)
+            self._check_length(new_length)
+            step = cache.plan(pos, new_length)
+            if last_logits_only and s + chunk < T:  # an earlier chunk: its logits are not wanted
+                self._run(tok, pos, step, True, hidden_only=True)
+            else:
+                outs.append(self._run(tok, pos, step, last_logits_only))
+            cache.commit(step, new_length)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), cache
+
+    def _check_length(self, length: int) -> None:
+        if self.args.sliding_window is None and length > self.args.max_seq_len:
+            raise ValueError(
+                f"sequence of {length} positions exceeds max_seq_len={self.args.max_seq_len} "
+                "(this model has no sliding window)"
+            )
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, step: CacheStep | None,
+             last_logits_only: bool, hidden_only: bool = False) -> torch.Tensor:
+        a = self.args
+        T = tokens.shape[1]
+        x = self.model.embed_tokens(tokens)  # (B, T, dim)
+        cos, sin = rope_cos_sin(positions, a.head_dim, a.rope_theta)
+        mask = None
+        if step is None and a.sliding_window is not None and T > a.sliding_window:
+            mask = attention_mask(positions, positions, a.sliding_window)
+        for i, layer in enumerate(self.model.layers):
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, i, step, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, i, step, mask)
+        if hidden_only:
+            return x
+        if last_logits_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+
+Mistral7B = Transformer
