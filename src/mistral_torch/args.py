@@ -177,6 +177,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  vocab_size=512, sliding_window=8, max_seq_len=256),
     "tiny-full": dict(dim=64, n_layers=2, head_dim=16, hidden_dim=160, n_heads=4, n_kv_heads=2,
                       vocab_size=512, sliding_window=None, max_seq_len=256),
+    # The shipped English→French translator: GQA 8/2, a window (64) shorter than the context (256).
+    "mistral-tiny-en-fr": dict(dim=256, n_layers=6, head_dim=32, hidden_dim=768, n_heads=8,
+                               n_kv_heads=2, vocab_size=8000, sliding_window=64, max_seq_len=256),
     # The benchmark configuration (~125M parameters at the real vocabulary).
     "bench-125m": dict(dim=768, n_layers=12, head_dim=64, hidden_dim=2048, n_heads=12,
                        n_kv_heads=4, vocab_size=32000, sliding_window=4096, max_seq_len=32768),
