@@ -402,12 +402,13 @@ def load_model(path_or_name: str | Path | None = None, dtype: str | torch.dtype 
             raise ValueError(f"{key!r} in {file.name} has dtype {tensor.dtype}; expected floating-point weights")
         if target is None:
             target = tensor.dtype  # no dtype recorded: keep the stored one
+        value = tensor.to(device=device, dtype=target, copy=True)  # owns its memory; mapping dropped
+        del tensor
         heads = _rope_heads(hf_key, args) if fmt == "native" else None
         if heads is not None:
-            tensor = native_to_hf(tensor, heads)
-        _set_param(model, hf_key, tensor.to(device=device, dtype=target, copy=True))
+            value = native_to_hf(value, heads)
+        _set_param(model, hf_key, value)
         loaded.add(hf_key)
-        del tensor
     _check_keys(expected, loaded, unexpected, args, fmt, folder, config_file)
     if args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
