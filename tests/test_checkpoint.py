@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import hf_twin, tiny_model
@@ -336,8 +335,9 @@ def _single(tmp_path, mutate) -> Path:
 
 
 def test_error_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model folder .*nowhere does not exist"):
+    with pytest.raises(ModelNotFoundError, match=r"model folder .*nowhere does not exist") as err:
         load_model(tmp_path / "nowhere")
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, ValueError)
 
 
 def test_error_unknown_format(tmp_path):
@@ -406,6 +406,16 @@ def test_error_missing_shard(good_hf):
     shard = sorted(good_hf.glob("model-*.safetensors"))[2]
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=rf"shard {shard.name} listed in .*index.json is missing"):
+        load_model(good_hf)
+
+
+def test_shards_without_index_load_and_a_gap_is_named(good_hf):
+    expected = load_model(good_hf)
+    (good_hf / "model.safetensors.index.json").unlink()
+    assert same_state(expected, load_model(good_hf))
+    shard = sorted(good_hf.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"shard {shard.name} is missing from"):
         load_model(good_hf)
 
 
