@@ -126,6 +126,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=adapter_dtype, device=device))
         self.reset_lora_parameters()
+        self.train(base.training)  # an eval-mode model stays in eval mode (no adapter dropout)
 
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
         """A as nn.Linear's default init (Kaiming-uniform, a=√5, as PEFT), B = 0."""
@@ -477,9 +478,19 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 # ---------------------------------------------------------------- memory planner
+#
+# Peak memory of a training step = weights + adapters + AdamW states + whichever of two moments
+# is larger:
+#   backward start   every tensor autograd saved in the forward, the logits the trainer still
+#                    holds, and cross-entropy's backward buffers (two more N×V tensors);
+#   optimizer step   all gradients + AdamW's temporary (one buffer of the largest parameter).
+# "Saved" is not estimated from a formula: the planner runs one decoder layer and the head on
+# fake tensors (shapes only, no memory, milliseconds even for 7B) at the real batch and sequence
+# length, and adds up the bytes of what autograd keeps for the backward (saved_tensors_hooks).
+# So the count follows model.py, LoRA's dropout, autocast's casts and SDPA's kernel as they are.
 @dataclass
 class MemoryPlan:
-    """Expected peak memory of one training step, in bytes, split by what holds it."""
+    """Expected peak memory of one training step, in bytes, split by what holds it at the peak."""
 
     method: str
     weights: int
@@ -488,6 +499,7 @@ class MemoryPlan:
     gradients: int
     activations: int
     trainable: int
+    peak_at: str = "backward start"
 
     @property
     def total(self) -> int:
@@ -495,89 +507,166 @@ class MemoryPlan:
 
 
 def nf4_bytes_per_weight(block: int = 64, block2: int = 256) -> float:
-    """NF4 with double quantization: 4 bits + an 8-bit absmax per `block`, + one fp32 scale per
-    `block2` absmaxes (QLoRA's 0.127 extra bits/weight at 64/256), + a small offset."""
+    """NF4 with double quantization: 4 bits + an 8-bit absmax per `block` weights + one fp32
+    scale per `block2` absmaxes (QLoRA's 0.127 extra bits per weight at 64/256)."""
     return 0.5 + 1.0 / block + 4.0 / (block * block2)
 
 
-def plan_memory(args: ModelArgs, method: str, batch_size: int, seq_len: int, *, r: int = 8,
-                targets: str | Sequence[str] = ("q_proj", "v_proj"), dtype: str = "fp32",
-                activation_checkpointing: bool | None = None, weights_dtype: str = "fp32") -> MemoryPlan:
-    """Expected peak memory of a training step with AdamW (see README, "## LoRA and QLoRA").
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
-    method: "full" | "lora" | "qlora". Weights in `weights_dtype` (QLoRA: NF4 projections, the rest
-    in `weights_dtype`); LoRA/QLoRA adapters, their grads and Adam states in fp32. Activations:
-    what autograd keeps for the backward of this model's forward (counted tensor by tensor), for
-    `batch_size` × `seq_len` tokens, plus the logits' cross-entropy buffers. QLoRA defaults to
-    activation checkpointing (only each layer's input kept; one layer's tensors live at a time).
-    """
+
+def _saved_bytes(fn, exclude: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves while `fn()` runs, `exclude` left out."""
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s._cdata not in skip:
+            seen[s._cdata] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def traced_activations(args: ModelArgs, method: str, batch_size: int, seq_len: int, *, r: int = 8,
+                       targets: str | Sequence[str] = ("q_proj", "v_proj"), dropout: float = 0.05,
+                       dtype: str = "fp32") -> tuple[int, int]:
+    """(bytes saved by one decoder layer, bytes saved by final norm + lm_head + loss) for a
+    training forward of `batch_size` × `seq_len` tokens, traced on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .model import DecoderLayer, RMSNorm, rope_cos_sin
+    from .cache import attention_mask
+
+    B, T = batch_size, seq_len
+    cast = torch.autocast("cpu", dtype=torch.bfloat16 if dtype == "bf16" else torch.float16, enabled=dtype != "fp32")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        layer = DecoderLayer(args).train()
+        if method != "full":
+            layer_name = "model.layers.0."
+            for name, mod in list(layer.named_modules()):
+                if isinstance(mod, nn.Linear) and is_target(layer_name + name, targets):
+                    parent, _, child = name.rpartition(".")
+                    setattr(layer.get_submodule(parent), child, LoRALinear(mod, r, 2 * r, dropout))
+            for name, p in layer.named_parameters():
+                p.requires_grad_("lora_" in name)
+        x = torch.zeros(B, T, args.dim, requires_grad=True)  # the residual stream needs grad
+        pos = torch.arange(T).expand(B, T)
+        cos, sin = rope_cos_sin(pos, args.head_dim, args.rope_theta)  # shared by all layers
+        mask = attention_mask(pos, pos, args.sliding_window) if args.sliding_window and T > args.sliding_window else None
+        exclude = [*layer.parameters(), cos, sin] + ([mask] if mask is not None else [])
+        if method == "qlora":  # the quantized base saves nothing (_FrozenQuantizedLinear)
+            exclude += [m.weight for m in layer.modules() if isinstance(m, LoRALinear)]
+
+        def run_layer() -> None:
+            with cast:
+                layer(x, cos, sin, 0, None, mask)
+
+        per_layer = _saved_bytes(run_layer, exclude)
+        if method == "qlora" and dtype != "fp32":  # autocast's bf16 copies of frozen weights: not kept
+            per_layer -= sum(m.in_features * m.out_features * _BYTES[dtype] for m in layer.modules()
+                             if isinstance(m, LoRALinear))
+            per_layer -= sum(p.numel() * _BYTES[dtype] for n, p in layer.named_parameters()
+                             if n.endswith("proj.weight") and not isinstance(layer.get_submodule(n.rsplit(".", 1)[0]), LoRALinear))
+        norm = RMSNorm(args.dim, args.norm_eps)
+        head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        for p in [*norm.parameters(), *head.parameters()]:
+            p.requires_grad_(method == "full")
+        h = torch.zeros(B, T, args.dim, requires_grad=True)
+        targets_ = torch.zeros(B, T, dtype=torch.long)
+
+        def run_head() -> None:
+            with cast:
+                logits = head(norm(h))
+            F.cross_entropy(logits.flatten(0, 1).float(), targets_.flatten())
+
+        head_saved = _saved_bytes(run_head, [*norm.parameters(), *head.parameters()])
+    return max(per_layer, 0), head_saved
+
+
+def plan_memory(args: ModelArgs, method: str, batch_size: int, seq_len: int, *, r: int = 8,
+                targets: str | Sequence[str] = ("q_proj", "v_proj"), dropout: float = 0.05,
+                dtype: str = "fp32", activation_checkpointing: bool | None = None,
+                weights_dtype: str = "fp32") -> MemoryPlan:
+    """Expected peak memory of a training step with AdamW (see README, "LoRA and QLoRA").
+
+    method: "full" | "lora" | "qlora". Weights in `weights_dtype` (QLoRA: NF4 projections, the
+    rest in `weights_dtype`); adapters, their gradients and AdamW states in fp32; autocast
+    compute in `dtype`. QLoRA defaults to activation checkpointing (each layer's input kept,
+    one layer recomputed at a time during the backward)."""
     if method not in ("full", "lora", "qlora"):
         raise ValueError(f"method must be 'full', 'lora' or 'qlora', got {method!r}")
+    for name, value in (("dtype", dtype), ("weights_dtype", weights_dtype)):
+        if value not in _BYTES:
+            raise ValueError(f"{name} must be one of {', '.join(_BYTES)}, got {value!r}")
     if activation_checkpointing is None:
         activation_checkpointing = method == "qlora"
-    wbytes = {"fp32": 4, "bf16": 2, "fp16": 2}[weights_dtype]
-    abytes = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
     a = args
-    D, H, V, L = a.dim, a.hidden_dim, a.vocab_size, a.n_layers
+    D, H, V, L, N = a.dim, a.hidden_dim, a.vocab_size, a.n_layers, batch_size * seq_len
     Dq, Dkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    proj_shapes = {"q_proj": (Dq, D), "k_proj": (Dkv, D), "v_proj": (Dkv, D), "o_proj": (D, Dq),
-                   "gate_proj": (H, D), "up_proj": (H, D), "down_proj": (D, H)}
-    layer_proj = sum(o * i for o, i in proj_shapes.values())
-    other = a.n_params - L * layer_proj  # embeddings, lm_head, norms
+    shapes = {"q_proj": (Dq, D), "k_proj": (Dkv, D), "v_proj": (Dkv, D), "o_proj": (D, Dq),
+              "gate_proj": (H, D), "up_proj": (H, D), "down_proj": (D, H)}
+    layer_proj = sum(o * i for o, i in shapes.values())
     n_lora = 0
     if method != "full":
-        for layer in range(L):
-            for kind, (o, i) in proj_shapes.items():
-                mod = f"model.layers.{layer}.{'mlp' if kind in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{kind}"
-                if is_target(mod, targets):
-                    n_lora += r * (i + o)
+        for kind, (o, i) in shapes.items():
+            block = "mlp" if kind in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            n_lora += sum(r * (i + o) for layer in range(L) if is_target(f"model.layers.{layer}.{block}.{kind}", targets))
+        if n_lora == 0:
+            raise ValueError(f"no module matches targets={targets!r}")
+    wbytes, abytes = _BYTES[weights_dtype], _BYTES[dtype]
     if method == "qlora":
-        weights = int(L * layer_proj * nf4_bytes_per_weight()) + other * wbytes
+        weights = int(L * layer_proj * nf4_bytes_per_weight()) + (a.n_params - L * layer_proj) * wbytes
     else:
         weights = a.n_params * wbytes
     trainable = a.n_params if method == "full" else n_lora
-    tbytes = wbytes if method == "full" else 4
-    adapters = n_lora * 4
-    optimizer = 2 * trainable * 4  # AdamW exp_avg + exp_avg_sq, fp32
-    gradients = trainable * tbytes
-    N = batch_size * seq_len
+    gbytes = wbytes if method == "full" else 4
+    adapters = 4 * n_lora
+    optimizer = 2 * 4 * trainable  # AdamW exp_avg + exp_avg_sq (fp32)
+    gradients = gbytes * trainable
 
-    # Tensors autograd keeps per token and layer (elements), read off model.py's forward:
-    #   2 RMSNorms × (normalised x, scaled output); q, k: projection, rotate_half, rotated;
-    #   v; SDPA output + its reshaped copy (o_proj's input); the residual sum; SwiGLU: gate,
-    #   silu(gate), up, product (down_proj's input); the layer output.
-    per_layer = 4 * D + 3 * Dq + 3 * Dkv + Dkv + 2 * Dq + D + 4 * H + D
-    if method != "full":  # adapters: dropout(x) is kept per adapted input, A·x per adapter (tiny)
-        per_layer += 0
-    head = (2 * D + 3 * V) * N  # final norm (2D), logits, log-softmax, and its gradient
-    if activation_checkpointing:
-        # layer inputs for all layers, + one layer recomputed in full during its backward
-        # (+ for QLoRA the dequantized weight of one projection at a time)
-        acts = (L * D + per_layer) * N * abytes + head * 4
-        if method == "qlora":
-            acts += max(o * i for o, i in proj_shapes.values()) * 4
+    per_layer, head_saved = traced_activations(a, method, batch_size, seq_len, r=r, targets=targets,
+                                               dropout=dropout, dtype=dtype)
+    if activation_checkpointing:  # layer inputs (+ the last output), and one layer recomputed
+        saved = (L + 1) * N * D * abytes + per_layer
+        if method == "qlora":  # one projection dequantized at a time (fp32 while dequantizing)
+            saved += max(o * i for o, i in shapes.values()) * 4
     else:
-        acts = L * per_layer * N * abytes + head * 4
-    return MemoryPlan(method, weights, adapters, optimizer, gradients, int(acts), trainable)
+        saved = L * per_layer
+    logits = N * V * abytes  # the trainer holds the logits until its next forward
+    ce_backward = 2 * N * V * 4  # d loss/d log-probs and d loss/d logits, fp32
+    at_backward = saved + head_saved + logits + ce_backward
+    largest = max(V * D, max(o * i for o, i in shapes.values())) if method == "full" else \
+        max(r * max(o, i) for o, i in shapes.values())
+    at_step = gradients + logits + 4 * largest  # AdamW (single-tensor on CPU): one temporary
+    if at_backward >= at_step:
+        return MemoryPlan(method, weights, adapters, optimizer, 0, at_backward, trainable, "backward start")
+    return MemoryPlan(method, weights, adapters, optimizer, gradients, at_step - gradients, trainable,
+                      "optimizer step")
 
 
 def format_plans(plans: Iterable[MemoryPlan], measured: dict[str, int] | None = None) -> str:
     """A table of plans in MiB (and measured peaks, when given)."""
     mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
-    cols = ["method", "weights", "adapters", "optimizer", "gradients", "activations", "total"]
+    cols = ["method", "weights", "adapters", "optimizer", "gradients", "activations", "peak", "peak at"]
     if measured:
         cols += ["measured", "error"]
     rows = [cols]
     for p in plans:
         row = [p.method, mib(p.weights), mib(p.adapters), mib(p.optimizer), mib(p.gradients),
-               mib(p.activations), mib(p.total)]
+               mib(p.activations), mib(p.total), p.peak_at]
         if measured:
             m = measured.get(p.method)
             row += [mib(m), f"{100 * (p.total - m) / m:+.1f}%"] if m else ["-", "-"]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]]) + "\n(MiB)"
+    lines = ["  ".join(c.rjust(w) if 0 < i < 7 or i > 7 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]]) + "\n(MiB; activations: " \
+        "autograd's saved tensors + logits + cross-entropy buffers at the peak)"
 
 
 def rss_bytes() -> int:
@@ -589,3 +678,22 @@ def rss_bytes() -> int:
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (ru_maxrss)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def return_freed_memory_to_os(threshold: int = 128 * 1024) -> bool:
+    """Make glibc serve every allocation >= `threshold` bytes with its own mmap, returned to the
+    OS on free. glibc's default raises this threshold as large blocks are freed, then serves
+    activation-sized tensors from a heap it cannot shrink: on a LoRA step of bench-125m that
+    left peak RSS ~35% above the bytes actually live. Returns False off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        M_MMAP_THRESHOLD = -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
