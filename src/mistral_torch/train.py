@@ -70,6 +70,10 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     threads: int | None = None
+    # LoRA / QLoRA (lora.LoRAConfig fields: r, alpha, dropout, targets, use_rslora, qlora; a
+    # [lora] table in TOML): the base is frozen (NF4-quantized for QLoRA) and adapters trained;
+    # the finished run writes a PEFT-format adapter to <out_dir>/adapter.
+    lora: dict[str, Any] | None = None
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -96,6 +100,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "seq_len", "eval_every", "ckpt_every", "keep_last"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.lora is not None:
+            from .lora import LoRAConfig
+
+            LoRAConfig.from_dict(cfg.lora)  # unknown keys and bad values fail before the run starts
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -295,6 +303,10 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True,
     model = build_model(cfg)
     if model.args.vocab_size < tok.vocab_size:
         raise ValueError(f"model vocab_size {model.args.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    if cfg.lora is not None:  # LoRA / QLoRA hook (lora.py)
+        from .lora import prepare_model
+
+        prepare_model(model, cfg.lora, seed=cfg.seed)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
     optimizer = make_optimizer(model, cfg)
@@ -366,6 +378,10 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True,
     bar.close()
     if step >= cfg.max_steps:
         plot_metrics(metrics_path, out_dir / "loss.png")
+        if cfg.lora is not None:
+            from .lora import save_adapter
+
+            save_adapter(model, out_dir / "adapter", base_model_name_or_path=cfg.init_from)
     return {"step": step, "loss": last_loss, "model": model, "tokenizer": tok}
 
 
