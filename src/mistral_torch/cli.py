@@ -111,8 +111,247 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- evaluate
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="perplexity, multiple-choice benchmarks, translation BLEU/chrF, lm-eval",
+                       description="Evaluate a model: perplexity at several lengths (window on/off), MMLU/ARC/"
+                                   "HellaSwag/TruthfulQA by log-likelihood, translation BLEU/chrF, or run "
+                                   "lm-evaluation-harness with this model.")
+    ev_sub = p.add_subparsers(dest="evaluate_command", required=True, metavar="EVALUATION")
+
+    def model_flags(q: argparse.ArgumentParser, batch: int) -> None:
+        q.add_argument("--model", default=None, help="checkpoint folder or shipped model name (default: the shipped model)")
+        q.add_argument("--tokenizer", default=None, help="tokenizer file/name (default: the checkpoint's)")
+        q.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
+        q.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+        q.add_argument("--batch-size", type=int, default=batch, help=f"rows per forward (default: {batch})")
+        q.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="also write the results as JSON")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    q = ev_sub.add_parser("perplexity", help="token-level NLL / perplexity with strided windows",
+                          description="Perplexity of a text file at several evaluation lengths, each window fed "
+                                      "through the rolling KV cache in chunks, optionally with the sliding window "
+                                      "disabled or forced, as a table (and a PNG plot with --plot).")
+    model_flags(q, 1)
+    q.add_argument("--data", required=True, help="UTF-8 text file (encoded as one stream after one BOS)")
+    q.add_argument("--seq-len", default="256,1024,4096", help="comma-separated lengths (default: 256,1024,4096)")
+    q.add_argument("--stride", default=None,
+                   help="window step: tokens (capped at each length) or a fraction like 0.5 (default: the length)")
+    q.add_argument("--window", default="model",
+                   help="comma-separated: model (as loaded), none (disabled), or an integer (default: model)")
+    q.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the file")
+    q.add_argument("--plot", default=None, metavar="PNG", help="write a perplexity-vs-length plot")
+    q.set_defaults(func=_evaluate_perplexity)
+
+    q = ev_sub.add_parser("mc", help="multiple-choice benchmarks by log-likelihood (MMLU, ARC, HellaSwag, TruthfulQA)",
+                          description="Score MMLU (5-shot), ARC-Easy/Challenge, HellaSwag, TruthfulQA MC1/MC2 "
+                                      "(0-shot) from their original files, with lm-eval's prompts and metrics.")
+    model_flags(q, 16)
+    q.add_argument("--tasks", default="mmlu,arc_easy,arc_challenge,hellaswag",
+                   help="comma-separated: mmlu, mmlu_<subject>, arc_easy, arc_challenge, hellaswag, "
+                        "truthfulqa_mc1, truthfulqa_mc2 (default: mmlu,arc_easy,arc_challenge,hellaswag)")
+    q.add_argument("--data-dir", default=None,
+                   help="folder holding the data sets under their original file names")
+    q.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
+                   help="a task's file (MMLU: the folder with dev/ and test/); repeatable")
+    q.add_argument("--shots", type=int, default=None, help="MMLU exemplars from dev (default: 5)")
+    q.add_argument("--limit", type=int, default=None, help="first N items per task (MMLU: per subject)")
+    q.add_argument("--self-check", action="store_true",
+                   help="first compare our log-likelihoods with transformers' on the same weights")
+    q.set_defaults(func=_evaluate_mc)
+
+    q = ev_sub.add_parser("translate", help="BLEU and chrF of greedy translations (sacrebleu)",
+                          description="Translate the source side of a TSV (en<TAB>fr per line) with the model's "
+                                      "prompt template and score BLEU/chrF; lines sharing a source are its "
+                                      "references.")
+    model_flags(q, 32)
+    q.add_argument("--data", required=True, help="TSV of en<TAB>fr pairs")
+    q.add_argument("--reverse", action="store_true", help="French → English")
+    q.add_argument("--limit", type=int, default=None, help="first N source sentences")
+    q.add_argument("--template", default=None,
+                   help="prompt with {source} (default: the shipped model's 'Translate: English → French\\n"
+                        "English: {source}\\nFrench:', or its fr→en twin with --reverse)")
+    q.add_argument("--max-new-tokens", type=int, default=128, help="longest translation (default: 128)")
+    q.add_argument("--single-ref", action="store_true", help="score every line alone, not grouped by source")
+    q.add_argument("--output", default=None, metavar="PATH", help="write the hypotheses, one per line")
+    q.set_defaults(func=_evaluate_translate)
+
+    q = ev_sub.add_parser("self-check", help="our log-likelihoods vs transformers' on the same weights",
+                          description="Score a few known items with our batched scorer and with transformers' "
+                                      "MistralForCausalLM holding the same weights; exit 1 if they disagree.")
+    model_flags(q, 8)
+    q.set_defaults(func=_evaluate_self_check)
+
+    q = ev_sub.add_parser("lm-eval", help="run lm-evaluation-harness with --model mistral-torch",
+                          description="lm-eval's own command line with this package's model registered; "
+                                      "everything after `lm-eval` is passed on, e.g. "
+                                      "--model_args pretrained=DIR --tasks arc_easy.")
+    q.add_argument("args", nargs=argparse.REMAINDER, help="lm_eval arguments")
+    q.set_defaults(func=_evaluate_lm_eval)
+
+
+def _evaluate_load(args: argparse.Namespace):
+    from .checkpoint import load_model
+    from .tokenizer import load_tokenizer
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                         f"{model.args.vocab_size} embeddings (pass the right --tokenizer)")
+    return model, tokenizer
+
+
+def _evaluate_write_json(path: str | None, payload: dict) -> None:
+    if path:
+        import json
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+
+
+def _evaluate_ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{name} must be positive integers, got {text!r}")
+    return values
+
+
+def _evaluate_perplexity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import evaluate as ev
+
+    seq_lens = _evaluate_ints(args.seq_len, "--seq-len")
+    stride = None
+    if args.stride is not None:
+        stride = float(args.stride) if "." in args.stride else int(args.stride)
+        if stride <= 0:
+            raise ValueError(f"--stride must be positive, got {args.stride}")
+    windows = [ev.parse_window(w) for w in args.window.split(",") if w.strip()]
+    path = Path(args.data)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    model, tokenizer = _evaluate_load(args)
+    ids = tokenizer.encode(path.read_text(encoding="utf-8"), bos=True)[:args.max_tokens]
+    if len(ids) < 2:
+        raise ValueError(f"{path} has fewer than 2 tokens")
+    results = ev.perplexity(model, ids, seq_lens, stride, windows, args.batch_size,
+                            progress=False if args.no_progress else None)
+    print(f"{path.name}: {len(ids)} tokens (BOS + text), {len(ids) - 1} scored per setting")
+    print(ev.perplexity_table(results))
+    if args.plot:
+        ev.plot_perplexity(results, args.plot, title=f"{path.name}: perplexity by evaluation length")
+        print(f"wrote {args.plot}")
+    _evaluate_write_json(args.json_path, {"data": str(path), "model": args.model, "tokens": len(ids),
+                                          "results": [r.to_dict() for r in results]})
+    return 0
+
+
+def _evaluate_mc(args: argparse.Namespace) -> int:
+    from . import evaluate as ev
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    paths = {}
+    for spec in args.data:
+        task, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--data expects TASK=PATH, got {spec!r}")
+        paths[task.strip()] = path
+        if task.strip() not in tasks:
+            tasks.append(task.strip())
+    items = []
+    for task in tasks:
+        if task in paths:
+            path = paths[task]
+        elif task.startswith("mmlu_") and "mmlu" in paths:
+            path = paths["mmlu"]
+        elif args.data_dir:
+            path = ev.find_task_data(task, args.data_dir)
+        else:
+            raise ValueError(f"no data for {task}: pass --data-dir DIR or --data {task}=PATH")
+        items += ev.load_task(task, path, shots=args.shots if task.startswith("mmlu") else None, limit=args.limit)
+    model, tokenizer = _evaluate_load(args)
+    check = None
+    if args.self_check:
+        check = ev.self_check(model, tokenizer, batch_size=args.batch_size)
+        print(check.summary())
+        if not check.ok:
+            return 1
+    n_requests = sum(len(it.choices) for it in items)
+    print(f"{len(items)} items, {n_requests} continuations to score")
+    results = ev.evaluate_mc(model, tokenizer, items, args.batch_size,
+                             progress=False if args.no_progress else None)
+    print(ev.results_table(results))
+    _evaluate_write_json(args.json_path, {
+        "model": args.model, "shots": {"mmlu": ev.DEFAULT_SHOTS["mmlu"] if args.shots is None else args.shots},
+        "limit": args.limit, "results": [r.to_dict() for r in results],
+        "self_check": None if check is None else {"ok": check.ok, "max_diff": check.max_diff}})
+    return 0
+
+
+def _evaluate_translate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import evaluate as ev
+    from .data import get_template
+
+    template = args.template or get_template("translate-fr-en" if args.reverse else "translate-en-fr").prompt
+    template = template.replace("\\n", "\n")
+    pairs = ev.read_translation_pairs(args.data, reverse=args.reverse, limit=args.limit,
+                                      group_references=not args.single_ref)
+    model, tokenizer = _evaluate_load(args)
+    sources = [s for s, _ in pairs]
+    hyps = ev.translate_eval(model, tokenizer, sources, template, args.batch_size, args.max_new_tokens,
+                             progress=False if args.no_progress else None)
+    scores = ev.translation_scores(hyps, [refs for _, refs in pairs])
+    direction = "fr→en" if args.reverse else "en→fr"
+    print(f"{direction}: {scores['sentences']} sentences (up to {scores['max_references']} references each)")
+    print(f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}   ({scores['bleu_signature']})")
+    if args.output:
+        Path(args.output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        print(f"wrote {args.output}")
+    _evaluate_write_json(args.json_path, {"data": args.data, "model": args.model, "direction": direction,
+                                          "template": template, **scores})
+    return 0
+
+
+def _evaluate_self_check(args: argparse.Namespace) -> int:
+    from . import evaluate as ev
+
+    model, tokenizer = _evaluate_load(args)
+    check = ev.self_check(model, tokenizer, batch_size=args.batch_size)
+    for row in check.items:
+        ref = row.get("transformers")
+        print(f"  {row['continuation']!r:>22} {row['tokens']:>3} tokens  ours {row['ours']:12.6f}"
+              + (f"  transformers {ref:12.6f}  diff {row['diff']:.2e}" if ref is not None else ""))
+    print(check.summary())
+    _evaluate_write_json(args.json_path, {"ok": check.ok, "max_diff": check.max_diff,
+                                          "batch_diff": check.batch_diff, "items": check.items})
+    return 0 if check.ok else 1
+
+
+def _evaluate_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from .lm_eval_adapter import main as lm_eval_main
+    except ImportError as exc:
+        raise ValueError(f"lm-eval is not installed ({exc}); pip install 'mistral-torch[eval]'") from None
+    rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+    if "--model" not in rest:
+        rest = ["--model", "mistral-torch", *rest]
+    try:
+        lm_eval_main(rest)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_serve]  # add_<name> functions, in help order
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_serve, add_evaluate]  # add_<name> functions, in help order
 
 
 def build_parser() -> argparse.ArgumentParser:
