@@ -20,6 +20,16 @@ from mistral_torch.lora import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is ~10x faster than two on a busy 2-core machine
+    (the trainer's `threads=1` also sets it process-wide; restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def toks(model: Transformer, n: int = 20, batch: int = 2, seed: int = 3) -> torch.Tensor:
     return torch.randint(0, model.args.vocab_size, (batch, n), generator=torch.Generator().manual_seed(seed))
 
@@ -387,3 +397,60 @@ def test_planner_within_15_percent_of_measured_peak():
     assert rows
     for row in rows:
         assert abs(float(row[-1].rstrip("%"))) <= 15, out.stdout
+
+
+# ---------------------------------------------------------------- through the trainer
+def folder_digest(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> tuple[Path, Path]:
+    """(a tiny random base checkpoint with its own SentencePiece tokenizer, a French→English pairs file)."""
+    from mistral_torch.checkpoint import save_model
+    from mistral_torch.data import read_pairs, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("lora_base")
+    dev = Path(__file__).resolve().parents[1] / "data" / "tatoeba" / "tatoeba_en_fr_dev.tsv"
+    pairs = read_pairs(dev)[:300]
+    (root / "pairs.tsv").write_text("".join(f"{en}\t{fr}\n" for en, fr in pairs), encoding="utf-8")
+    tok = train_sentencepiece([t for p in pairs for t in p], root / "tokenizer.model", vocab_size=500)
+    save_model(tiny_model(seed=11, vocab_size=512, max_seq_len=128), root / "base", extra_files=[tok])
+    return root / "base", root / "pairs.tsv"
+
+
+def lora_train_config(out_dir: Path, base: Path, data: Path, **overrides):
+    from mistral_torch.train import TrainConfig
+
+    raw = dict(out_dir=str(out_dir), init_from=str(base), data=str(data), template="translate-fr-en",
+               reverse_pairs=True, val_fraction=0.1, seq_len=64, batch_size=8, max_steps=6, lr=1e-2,
+               warmup_steps=2, eval_every=3, eval_batches=2, ckpt_every=3, log_every=1, weight_decay=0.0,
+               threads=1, lora={"r": 4, "alpha": 8, "dropout": 0.05, "targets": "all-linear"})
+    raw.update(overrides)
+    return TrainConfig.from_dict(raw)
+
+
+def test_trainer_lora_resume_adapter_and_untouched_base(tiny_base, tmp_path):
+    from mistral_torch.checkpoint import load_model
+    from mistral_torch.train import train
+
+    base, data = tiny_base
+    digest = folder_digest(base)
+    whole = train(lora_train_config(tmp_path / "a", base, data), progress=False)
+    train(lora_train_config(tmp_path / "b", base, data), progress=False, stop_after=3)  # interrupted...
+    resumed = train(lora_train_config(tmp_path / "b", base, data), progress=False)  # ...and resumed
+    assert folder_digest(base) == digest  # the base checkpoint on disk is untouched
+    for run in ("a", "b"):
+        assert (tmp_path / run / "adapter" / "adapter_config.json").is_file()
+        assert (tmp_path / run / "loss.png").is_file()
+    a, b = whole["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # exact resume
+    # the saved adapter on a freshly loaded base reproduces the trained model
+    model = whole["model"].eval()
+    t = toks(model, 16)
+    fresh = load_adapter(load_model(base), tmp_path / "a" / "adapter")
+    assert torch.equal(fwd(fresh, t), fwd(model, t))
+    cfg = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base) and cfg["r"] == 4
+    with pytest.raises(ValueError, match="unknown LoRA config key"):
+        lora_train_config(tmp_path / "c", base, data, lora={"rank": 4})
