@@ -46,6 +46,7 @@ import asyncio
 import hmac
 import json
 import logging
+import signal
 import threading
 import time
 import traceback
@@ -81,10 +82,11 @@ class TokenLogprob:
 
 @dataclass
 class Delta:
-    """New text of choice `index` (possibly "" when only logprobs arrive)."""
+    """New text of choice `index` (possibly "" while held back) and the token(s) behind it."""
 
     index: int
     text: str
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
 
 
@@ -149,7 +151,6 @@ class _Row:
         self.decoder: StreamDecoder = tokenizer.stream_decoder(job.context)
         self.stopper = StopStrings(cfg.stop)
         self.n_out = 0
-        self.prev = job.prompt[-1]  # previous token (for logprob token texts)
         self.finished = False
         self.generator: torch.Generator | None = None
         if cfg.temperature > 0:
@@ -237,8 +238,8 @@ class Engine:
             if self._stopping:
                 raise ServerBusy("the server is shutting down", 503)
             self._pending = deque(j for j in self._pending if not j.cancelled)
-            free_rows = self.max_batch_size - len(self.rows) - len(self._pending)
-            waiting = len(self._pending) + len(jobs) - max(free_rows, 0)
+            running = sum(not r.finished and not r.job.cancelled for r in self.rows)
+            waiting = len(self._pending) + len(jobs) - (self.max_batch_size - running)  # jobs left without a row
             if waiting > self.max_queue:
                 raise ServerBusy(f"server busy: {len(self.rows)} requests running and {len(self._pending)} "
                                  f"waiting (max batch size {self.max_batch_size}, queue {self.max_queue}); "
@@ -380,10 +381,8 @@ class Engine:
             piece += row.stopper.flush()
         info = None
         if job.logprobs is not None and logprobs is not None:
-            info = [self._token_logprob(row.prev, token, logprobs, job.logprobs)]
-        row.prev = token
-        if piece or info:
-            job.emit(Delta(job.index, piece, info))
+            info = [self._token_logprob(token, logprobs, job.logprobs)]
+        job.emit(Delta(job.index, piece, [token], info))
         if reason is not None:
             row.finished = True
             job.emit(Done(job.index, reason, len(job.prompt), row.n_out))
@@ -392,7 +391,7 @@ class Engine:
         """A token's text with its leading space (decoded after an anchor token, then cut)."""
         return self.tokenizer.decode(self._anchor + [token])[len(self._anchor_text):]
 
-    def _token_logprob(self, prev: int, token: int, logprobs: torch.Tensor, k: int) -> TokenLogprob:
+    def _token_logprob(self, token: int, logprobs: torch.Tensor, k: int) -> TokenLogprob:
         top = []
         if k > 0:
             values, ids = logprobs.topk(k)
@@ -773,6 +772,8 @@ def create_app(model: Transformer, tokenizer: "Tokenizer", model_name: str = "mi
 
             def chunks(event: Event) -> list[dict]:
                 if isinstance(event, Delta):
+                    if not event.text and not event.logprobs:
+                        return []  # text held back (an incomplete character or a possible stop string)
                     lp = completion_logprobs(event.logprobs, offsets[event.index]) if event.logprobs else None
                     offsets[event.index] += sum(len(t.token) for t in event.logprobs or [])
                     return [chunk([{"text": event.text, "index": event.index, "logprobs": lp, "finish_reason": None}])]
@@ -820,6 +821,8 @@ def create_app(model: Transformer, tokenizer: "Tokenizer", model_name: str = "mi
             def chunks(event: Event) -> list[dict]:
                 out = []
                 if isinstance(event, Delta):
+                    if not event.text and not event.logprobs:
+                        return []
                     lp = chat_logprobs(event.logprobs) if event.logprobs else None
                     out.append({"index": 0, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None})
                 else:
@@ -859,4 +862,8 @@ def serve(model: Transformer, tokenizer: "Tokenizer", model_name: str = "mistral
                      max_queue=max_queue, max_body_bytes=max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=access_log,
                             timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler found at
+        # start: make that one a no-op, so a graceful stop exits with status 0.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
