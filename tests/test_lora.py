@@ -454,3 +454,25 @@ def test_trainer_lora_resume_adapter_and_untouched_base(tiny_base, tmp_path):
     assert cfg["base_model_name_or_path"] == str(base) and cfg["r"] == 4
     with pytest.raises(ValueError, match="unknown LoRA config key"):
         lora_train_config(tmp_path / "c", base, data, lora={"rank": 4})
+
+
+def test_merge_lora_cli(tiny_base, tmp_path, capsys):
+    from mistral_torch.checkpoint import load_model
+    from mistral_torch.cli import main
+
+    base, _ = tiny_base
+    digest = folder_digest(base)
+    model = apply_lora(load_model(base), r=4, alpha=8, target_modules="all-linear", seed=0)
+    randomize_b(model)
+    save_adapter(model, tmp_path / "ad")
+    assert main(["merge-lora", str(base), str(tmp_path / "ad"), str(tmp_path / "merged")]) == 0
+    assert "merged 14 LoRA layers" in capsys.readouterr().out
+    merged = load_model(tmp_path / "merged")
+    t = toks(model, 16)
+    assert torch.allclose(fwd(merged, t), fwd(model, t), atol=1e-5, rtol=0)
+    assert (tmp_path / "merged" / "tokenizer.model").is_file()
+    assert folder_digest(base) == digest
+    assert main(["merge-lora", str(base), str(tmp_path / "ad"), str(tmp_path / "merged")]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+    assert main(["merge-lora", str(base), str(tmp_path), str(tmp_path / "m2")]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err

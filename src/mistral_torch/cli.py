@@ -350,8 +350,59 @@ def _evaluate_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- merge-lora
+def add_merge_lora(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base model and save the result",
+                       description="Load BASE, apply the PEFT-format LoRA adapter in ADAPTER, fold W + (alpha/r)·B·A "
+                                   "into the weights and write a plain checkpoint to OUT (tokenizer files copied "
+                                   "along). An adapter trained with --qlora is merged into the NF4 base it was "
+                                   "trained on (dequantized), which is what its training loss measured.")
+    p.add_argument("base", metavar="BASE", help="base checkpoint folder or shipped model name")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", metavar="OUT", help="folder to write (must not exist unless --force)")
+    p.add_argument("--dtype", default=None, help="weights dtype of OUT: fp32, bf16 or fp16 (default: the base's)")
+    p.add_argument("--qlora-base", choices=["auto", "yes", "no"], default="auto",
+                   help="merge into the NF4-quantized base (auto: when the adapter was trained with --qlora)")
+    p.add_argument("--format", default="hf", choices=["hf", "mistral"], help="output format (default: hf)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_merge_lora)
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import load_model, resolve_model_path, save_model, tokenizer_files
+    from .lora import ADAPTER_CONFIG, load_adapter, lora_modules, merge_lora, quantize_base_nf4
+
+    adapter_cfg = Path(args.adapter) / ADAPTER_CONFIG
+    if not adapter_cfg.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {args.adapter} (not a LoRA adapter folder)")
+    trained_on_nf4 = bool(json.loads(adapter_cfg.read_text()).get("mistral_torch", {}).get("qlora"))
+    src = resolve_model_path(args.base)
+    model = load_model(src, dtype=args.dtype)
+    dtype = model.lm_head.weight.dtype
+    nf4 = args.qlora_base == "yes" or (args.qlora_base == "auto" and trained_on_nf4)
+    if nf4:
+        quantize_base_nf4(model)
+    load_adapter(model, args.adapter)
+    n = len(list(lora_modules(model)))
+    merge_lora(model, dtype=dtype)
+    folder = src if src.is_dir() else src.parent
+    try:
+        save_model(model, args.out, format=args.format, overwrite=args.force, extra_files=tokenizer_files(folder))
+    except FileExistsError as exc:
+        raise ValueError(str(exc)) from None
+    base = "the NF4-quantized base (dequantized)" if nf4 else "the base"
+    print(f"merged {n} LoRA layers into {base}; wrote {args.out} ({args.format}, "
+          f"{str(dtype).removeprefix('torch.')}, {model.args.n_params:,} parameters)")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_serve, add_evaluate]  # add_<name> functions, in help order
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_serve, add_evaluate, add_merge_lora]  # add_<name> functions, in help order
 
 
 def build_parser() -> argparse.ArgumentParser:
