@@ -476,3 +476,15 @@ def test_merge_lora_cli(tiny_base, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["merge-lora", str(base), str(tmp_path), str(tmp_path / "m2")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_plans_for_config(tiny_base, tmp_path):
+    base, data = tiny_base
+    cfg = lora_train_config(tmp_path, base, data)
+    assert lora.config_method(cfg) == "lora"
+    assert lora.config_method(lora_train_config(tmp_path, base, data, lora=None)) == "full"
+    assert lora.config_method(lora_train_config(tmp_path, base, data, lora={"qlora": True})) == "qlora"
+    full, lo, ql = lora.plans_for_config(cfg)
+    assert lo.trainable == 2 * 4 * sum(i + o for i, o in [(64, 64), (64, 32), (64, 32), (64, 64),
+                                                             (64, 160), (64, 160), (160, 64)])
+    assert full.weights == 4 * ModelArgs.from_name("tiny").n_params

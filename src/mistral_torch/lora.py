@@ -648,6 +648,39 @@ def plan_memory(args: ModelArgs, method: str, batch_size: int, seq_len: int, *, 
                       "optimizer step")
 
 
+def config_model_args(cfg: Any) -> ModelArgs:
+    """The ModelArgs a training config will build, without loading any weights."""
+    if getattr(cfg, "init_from", None):
+        from .checkpoint import detect_format, resolve_model_path
+
+        folder = resolve_model_path(cfg.init_from)
+        folder = folder.parent if folder.is_file() else folder
+        fmt, config_file, _ = detect_format(folder)
+        raw = json.loads(config_file.read_text())
+        return ModelArgs.from_hf_config(raw) if fmt == "hf" else ModelArgs.from_params_json(raw)
+    return ModelArgs.from_name(cfg.model) if isinstance(cfg.model, str) else ModelArgs.from_dict(cfg.model)
+
+
+def plans_for_config(cfg: Any, world_size: int = 1) -> list[MemoryPlan]:
+    """Full, LoRA and QLoRA plans for a `TrainConfig`'s model, micro-batch and sequence length
+    (LoRA settings from its `lora` table, or the defaults). QLoRA is planned with activation
+    checkpointing; full and LoRA as the config says."""
+    args = config_model_args(cfg)
+    lc = LoRAConfig.from_dict(dict(cfg.lora or {}))
+    batch = max(1, cfg.batch_size // max(1, world_size))
+    common = dict(r=lc.r, targets=lc.targets, dropout=lc.dropout, dtype=cfg.dtype)
+    return [plan_memory(args, "full", batch, cfg.seq_len, activation_checkpointing=cfg.activation_checkpointing, **common),
+            plan_memory(args, "lora", batch, cfg.seq_len, activation_checkpointing=cfg.activation_checkpointing, **common),
+            plan_memory(args, "qlora", batch, cfg.seq_len, activation_checkpointing=True, **common)]
+
+
+def config_method(cfg: Any) -> str:
+    """"full", "lora" or "qlora": what a training config will run."""
+    if not cfg.lora:
+        return "full"
+    return "qlora" if LoRAConfig.from_dict(dict(cfg.lora)).qlora else "lora"
+
+
 def format_plans(plans: Iterable[MemoryPlan], measured: dict[str, int] | None = None) -> str:
     """A table of plans in MiB (and measured peaks, when given)."""
     mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
