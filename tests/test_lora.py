@@ -488,3 +488,23 @@ def test_plans_for_config(tiny_base, tmp_path):
     assert lo.trainable == 2 * 4 * sum(i + o for i, o in [(64, 64), (64, 32), (64, 32), (64, 64),
                                                              (64, 160), (64, 160), (160, 64)])
     assert full.weights == 4 * ModelArgs.from_name("tiny").n_params
+
+
+def test_finetune_lora_flags_and_dry_run(tiny_base, tmp_path, capsys):
+    import argparse
+
+    from mistral_torch import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_lora_flags(p)
+    assert cli.lora_table(p.parse_args([]), None) is None  # full fine-tuning
+    t = cli.lora_table(p.parse_args(["--lora", "--r", "4", "--targets", "all-linear"]), None)
+    assert t["r"] == 4 and t["targets"] == "all-linear" and t["qlora"] is False
+    t = cli.lora_table(p.parse_args(["--qlora", "--alpha", "8"]), {"r": 16, "dropout": 0.1})
+    assert t["qlora"] and t["r"] == 16 and t["alpha"] == 8 and t["dropout"] == 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        cli.lora_table(p.parse_args(["--lora", "--dropout", "1.5"]), None)
+    base, data = tiny_base
+    cli.print_memory_plan(lora_train_config(tmp_path, base, data))
+    out = capsys.readouterr().out
+    assert "this run: lora" in out and all(m in out for m in ("full", "lora", "qlora", "activations"))

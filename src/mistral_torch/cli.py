@@ -350,6 +350,61 @@ def _evaluate_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- finetune: LoRA / QLoRA flags, memory plan
+# Used by `finetune`: add_lora_flags(parser) declares the flags; lora_table(args, cfg.lora) merges them
+# over a config's [lora] table; print_memory_plan(cfg) is --dry-run; report_peak_memory(...) follows a run.
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA / QLoRA (a [lora] table in the config does the same)")
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters on a frozen base")
+    g.add_argument("--qlora", action="store_true",
+                   help="LoRA over an NF4-quantized frozen base (implies --lora; turns on activation checkpointing)")
+    g.add_argument("--r", type=int, default=None, help="adapter rank (default: 8)")
+    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha/r (default: 16)")
+    g.add_argument("--dropout", type=float, default=None, help="dropout on the adapters' input (default: 0.05)")
+    g.add_argument("--targets", default=None,
+                   help="modules to adapt: comma-separated names (q_proj,v_proj) or all-linear (default: q_proj,v_proj)")
+    g.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(r)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the expected peak memory (full / LoRA / QLoRA) for this model, batch and length, and exit")
+
+
+def lora_table(args: argparse.Namespace, table: dict | None) -> dict | None:
+    """The config's [lora] table with the command-line LoRA flags applied (None: full fine-tuning)."""
+    flags = {"r": args.r, "alpha": args.alpha, "dropout": args.dropout, "targets": args.targets}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if args.rslora:
+        flags["use_rslora"] = True
+    if args.qlora:
+        flags["qlora"] = True
+    if table is None and not (args.lora or args.qlora or flags):
+        return None
+    from .lora import LoRAConfig
+
+    return LoRAConfig.from_dict({**(table or {}), **flags}).to_dict()
+
+
+def print_memory_plan(cfg, world_size: int = 1) -> None:
+    from .lora import config_method, format_plans, plans_for_config
+
+    plans = plans_for_config(cfg, world_size)
+    method = config_method(cfg)
+    micro = max(1, cfg.batch_size // max(1, world_size))
+    print(f"expected peak memory per process: batch {micro} x {cfg.seq_len} tokens, compute {cfg.dtype}, AdamW "
+          f"(this run: {method}{', activation checkpointing' if cfg.activation_checkpointing else ''})")
+    print(format_plans(plans))
+
+
+def report_peak_memory(cfg, rss_before: int, world_size: int = 1) -> None:
+    """After a run: measured peak RSS growth next to the planned peak of the method that ran."""
+    from .lora import config_method, peak_rss_bytes, plans_for_config
+
+    method = config_method(cfg)
+    plan = {p.method: p for p in plans_for_config(cfg, world_size)}[method]
+    measured = peak_rss_bytes() - rss_before
+    print(f"peak memory ({method}): measured {measured / 2**20:,.0f} MiB above the pre-run baseline "
+          f"(includes the tokenized data), planned {plan.total / 2**20:,.0f} MiB")
+
+
 # ---------------------------------------------------------------- merge-lora
 def add_merge_lora(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base model and save the result",
