@@ -508,3 +508,24 @@ def test_finetune_lora_flags_and_dry_run(tiny_base, tmp_path, capsys):
     cli.print_memory_plan(lora_train_config(tmp_path, base, data))
     out = capsys.readouterr().out
     assert "this run: lora" in out and all(m in out for m in ("full", "lora", "qlora", "activations"))
+
+
+def test_quantized_base_with_checkpointing_and_bf16_autocast():
+    def grads(checkpointing: bool, autocast: bool) -> dict[str, torch.Tensor]:
+        model = quantize_toy(tiny_model(seed=12))
+        apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", seed=0)
+        randomize_b(model)
+        model.activation_checkpointing = checkpointing
+        model.train()
+        t = toks(model, 17, 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, _ = model(t[:, :-1], use_cache=False)
+        F.cross_entropy(logits.flatten(0, 1).float(), t[:, 1:].flatten()).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False, False), grads(True, False)
+    assert plain.keys() == ckpt.keys() and all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
+    bf16 = grads(True, True)
+    for k in plain:  # bf16 compute: same gradients to bf16 precision
+        assert bf16[k].dtype == torch.float32
+        assert torch.allclose(bf16[k], plain[k], atol=5e-2 * float(plain[k].abs().max()) + 1e-6), k
