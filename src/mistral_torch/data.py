@@ -6,6 +6,8 @@ Two kinds of data feed the trainer:
 - plain text (files, or JSONL with a `text` field), tokenized once into a memory-mapped uint16/uint32
   `.bin`, documents separated by EOS and cut into fixed-length sequences with no padding waste.
 Batch order is a deterministic function of (seed, epoch), so a run resumes at an exact batch.
+Under torch.distributed every rank takes its own contiguous slice of each global batch
+(`shard_batch`): the ranks together see exactly the batches one process would.
 """
 
 from __future__ import annotations
@@ -144,12 +146,15 @@ class PairDataset:
     def num_batches(self, batch_size: int) -> int:
         return (len(self.examples) + batch_size - 1) // batch_size
 
-    def batch_order(self, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    def batch_order(self, batch_size: int, seed: int, epoch: int, bucket: bool = True) -> list[list[int]]:
         """Deterministic batches of example indices for (seed, epoch): shuffled, then grouped by
-        length within windows of 50 batches (length bucketing), then the batches shuffled."""
+        length within windows of 50 batches (length bucketing), then the batches shuffled.
+        `bucket=False`: plain shuffled batches (each padded to its longest example)."""
         rng = random.Random(seed * 1_000_003 + epoch)
         order = list(range(len(self.examples)))
         rng.shuffle(order)
+        if not bucket:
+            return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         chunk = batch_size * 50
         batches = []
         for s in range(0, len(order), chunk):
@@ -182,45 +187,127 @@ def split_train_val(items: list, val_fraction: float, seed: int) -> tuple[list, 
 
 
 # ---------------------------------------------------------------- packed text corpora
-def read_documents(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Documents from plain-text files (one document per file) or JSONL files (`text` field)."""
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file not found: {path}")
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
+PIECE_CHARS = 1 << 22  # plain-text files are read and tokenized in pieces of ~4M characters
+
+
+def _text_files(paths: Iterable[str | Path]) -> list[Path]:
+    files = [Path(p) for p in paths]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"corpus file not found: {f}")
+    return files
+
+
+def iter_text_pieces(paths: Iterable[str | Path], piece_chars: int = PIECE_CHARS,
+                     on_bytes=None) -> Iterator[tuple[str, bool, bool]]:
+    """(text, starts_document, ends_document) pieces of a corpus, streamed: no file is ever held
+    in memory whole. A plain-text file is one document, cut into pieces of about `piece_chars`
+    at line ends; a JSONL file holds one document per line (its `text` field).
+    `on_bytes(n)` is told how many bytes of input each piece consumed (for a progress bar)."""
+    for path in _text_files(paths):
+        with path.open("rb") as f:
+            if path.suffix == ".jsonl":
                 for lineno, line in enumerate(f, 1):
+                    if on_bytes:
+                        on_bytes(len(line))
                     if line.strip():
                         obj = json.loads(line)
                         if "text" not in obj:
                             raise ValueError(f"{path}:{lineno}: JSONL corpus lines need a 'text' field")
-                        yield obj["text"]
-        else:
-            yield path.read_text(encoding="utf-8")
+                        yield obj["text"], True, True
+                continue
+            buf: list[bytes] = []
+            size, first, pending = 0, True, None
+            for line in f:
+                buf.append(line)
+                size += len(line)
+                if size >= piece_chars:
+                    if pending is not None:
+                        yield pending[0], pending[1], False
+                    pending, first = (b"".join(buf).decode("utf-8"), first), False
+                    if on_bytes:
+                        on_bytes(size)
+                    buf, size = [], 0
+            tail = b"".join(buf).decode("utf-8")
+            if on_bytes:
+                on_bytes(size)
+            if pending is not None and tail:
+                yield pending[0], pending[1], False
+                yield tail, False, True
+            elif pending is not None:
+                yield pending[0], pending[1], True
+            else:
+                yield tail, True, True
 
 
-def tokenize_to_bin(tok: TextTokenizer, documents: Iterable[str], out_path: str | Path,
-                    progress: bool = True) -> Path:
-    """Tokenize documents once into a flat `.bin` (uint16 if the vocabulary fits, else uint32),
-    each document followed by EOS. Written to a temp file and renamed (never half-written)."""
+def read_documents(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Whole documents: plain-text files (one document per file) or JSONL files (`text` field).
+    For corpora of any size prefer `iter_text_pieces`, which never holds a file whole."""
+    doc: list[str] = []
+    for text, _, last in iter_text_pieces(paths):
+        doc.append(text)
+        if last:
+            yield "".join(doc)
+            doc = []
+
+
+def sample_lines(paths: Iterable[str | Path], max_chars: int = 50_000_000) -> Iterator[str]:
+    """Non-empty lines from the start of a corpus, up to `max_chars` in all (tokenizer training:
+    SentencePiece wants sentences, not documents, and a sample is enough)."""
+    total = 0
+    for text, _, _ in iter_text_pieces(paths):
+        for line in text.splitlines():
+            if line.strip():
+                yield line
+                total += len(line)
+                if total >= max_chars:
+                    return
+
+
+def corpus_signature(paths: Iterable[str | Path]) -> list[list]:
+    """[path, size, mtime] of each file: a cached `.bin` is rebuilt when its sources change."""
+    return [[str(f), f.stat().st_size, int(f.stat().st_mtime)] for f in _text_files(paths)]
+
+
+def tokenize_to_bin(tok: TextTokenizer, documents: Iterable[str] | Iterable[tuple[str, bool, bool]],
+                    out_path: str | Path, progress: bool = True, total_bytes: int | None = None,
+                    meta: dict | None = None) -> Path:
+    """Tokenize a corpus once into a flat `.bin` (uint16 if the vocabulary fits, else uint32),
+    each document between BOS and EOS. `documents` are strings (whole documents) or the
+    (text, starts, ends) pieces of `iter_text_pieces`, so a corpus larger than RAM streams
+    through. Written to a temp file and renamed (never half-written); the token count, dtype and
+    `meta` go to a `.json` beside it."""
     from tqdm import tqdm
 
     out_path = Path(out_path)
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     n = 0
+    bar = tqdm(total=total_bytes, desc=f"tokenizing → {out_path.name}", unit="B" if total_bytes else "doc",
+               unit_scale=True, disable=not progress, mininterval=1.0)
     with tmp.open("wb") as f:
-        for doc in tqdm(documents, desc=f"tokenizing → {out_path.name}", unit="doc", disable=not progress):
-            ids = tok.encode(doc, bos=True, eos=True)
+        for doc in documents:
+            text, first, last = (doc, True, True) if isinstance(doc, str) else doc
+            ids = tok.encode(text, bos=first, eos=last)
             f.write(np.asarray(ids, dtype=dtype).tobytes())
             n += len(ids)
+            bar.update(len(text.encode("utf-8")) if total_bytes else int(last))
         f.flush()
         os.fsync(f.fileno())
-    meta = {"dtype": np.dtype(dtype).name, "tokens": n, "vocab_size": tok.vocab_size}
-    out_path.with_suffix(".json").write_text(json.dumps(meta))
+    bar.close()
+    info = {"dtype": np.dtype(dtype).name, "tokens": n, "vocab_size": tok.vocab_size, **(meta or {})}
+    out_path.with_suffix(".json").write_text(json.dumps(info))
     os.replace(tmp, out_path)
     return out_path
+
+
+def bin_meta(bin_path: str | Path) -> dict | None:
+    """The `.json` written beside a token `.bin` (None when the pair is incomplete)."""
+    bin_path = Path(bin_path)
+    meta = bin_path.with_suffix(".json")
+    if not (bin_path.is_file() and meta.is_file()):
+        return None
+    return json.loads(meta.read_text())
 
 
 class PackedDataset:
@@ -254,3 +341,14 @@ class PackedDataset:
                            dtype=np.int64) for i in indices]
         block = torch.from_numpy(np.stack(rows))
         return block[:, :-1].contiguous(), block[:, 1:].contiguous()
+
+
+# ---------------------------------------------------------------- distributed sampling
+def shard_batch(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """This rank's contiguous slice of a global batch (the distributed sampler): the slices of
+    all ranks are disjoint and together are exactly the batch one process would take. A batch
+    that does not divide evenly gives the first ranks one example fewer."""
+    if len(indices) < world_size:
+        raise ValueError(f"a batch of {len(indices)} cannot be split over {world_size} processes")
+    n = len(indices)
+    return list(indices[rank * n // world_size:(rank + 1) * n // world_size])
