@@ -16,6 +16,165 @@ from typing import Callable
 # (sections are added below this line; keep each command's code inside its own section)
 
 
+# ---------------------------------------------------------------- generate
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete a prompt (or a file of prompts, as one batch)",
+                       description="Complete PROMPT (from stdin when absent or '-'), streaming the text; "
+                                   "'\\n' in a prompt argument is a newline. With --batch-file, every line "
+                                   "is a prompt, all run as one batch, and line i of the output is the "
+                                   "completion of line i (newlines written as '\\n').")
+    p.add_argument("prompt", nargs="?", default=None, metavar="PROMPT", help="prompt text (default: read stdin)")
+    p.add_argument("--batch-file", default=None, metavar="FILE", help="one prompt per line ('-': stdin)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print text as it is produced (default: on; single prompts only)")
+    add_generation_flags(p, max_new_tokens=128)
+    p.set_defaults(func=_generate)
+
+
+def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """Model and sampling flags shared by `generate` and `chat`."""
+    p.add_argument("--model", default=None, help="checkpoint folder or shipped model name (default: the shipped model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file, or v1 / v3 (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default: {max_new_tokens}")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible output")
+    p.add_argument("--dtype", default=None, help="weights dtype: fp32, bf16 or fp16 (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="do not print speed figures on stderr")
+
+
+def _unescape(text: str) -> str:
+    r"""`\n` -> newline, `\t` -> tab, `\\` -> backslash (shells make real newlines awkward to type)."""
+    import re
+
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def _load_for_generation(args: argparse.Namespace):
+    """(model, tokenizer, GenerationConfig) from the shared flags."""
+    import torch
+
+    from .checkpoint import load_model, resolve_model_path
+    from .generate import GenerationConfig
+    from .tokenizer import load_tokenizer
+
+    config = GenerationConfig(  # checked first: a bad flag should not wait for the model to load
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=[_unescape(s) for s in args.stop],
+        seed=args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(args.tokenizer if args.tokenizer else path)
+    model = load_model(path, dtype=args.dtype, device=args.device)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
+    return model, tokenizer, config
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import GenerationStats, complete, stream
+
+    if args.batch_file is not None:
+        if args.prompt is not None:
+            raise ValueError("give either a PROMPT or --batch-file, not both")
+        source = sys.stdin if args.batch_file == "-" else open(args.batch_file, encoding="utf-8")
+        with source:
+            prompts = [_unescape(line.rstrip("\r\n")) for line in source if line.strip()]
+        if not prompts:
+            raise ValueError(f"no prompts in {args.batch_file}")
+    elif args.prompt is None or args.prompt == "-":
+        prompts = [sys.stdin.read().rstrip("\n")]
+    else:
+        prompts = [_unescape(args.prompt)]
+    if any(not p.strip() for p in prompts):
+        raise ValueError("empty prompt")
+    model, tokenizer, config = _load_for_generation(args)
+    stats = GenerationStats()
+    if args.batch_file is None and args.stream:
+        for piece in stream(model, tokenizer, prompts[0], config, stats):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        completions = complete(model, tokenizer, prompts, config, stats)
+        for c in completions:
+            text = c.text.replace("\\", "\\\\").replace("\n", "\\n") if args.batch_file is not None else c.text
+            print(text)
+    sys.stdout.flush()
+    if not args.quiet:
+        batch = f", batch of {len(prompts)}" if len(prompts) > 1 else ""
+        print(f"[{stats.summary()}{batch}]", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- chat
+def add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="interactive multi-turn chat on the instruct template",
+                       description="Chat with the model: one user message per line on stdin, replies "
+                                   "streamed. /reset starts over, /exit (or end of input) quits. The oldest "
+                                   "turns are dropped when the conversation outgrows the context.")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_generation_flags(p, max_new_tokens=512)
+    p.set_defaults(func=_chat)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .generate import GenerationStats, context_limit, stream
+
+    model, tokenizer, config = _load_for_generation(args)
+    limit = context_limit(model)
+    room = max(1, min(config.max_new_tokens, limit // 2))  # keep this much context free for a reply
+    system = [{"role": "system", "content": _unescape(args.system)}] if args.system else []
+    history: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: /reset starts over, /exit quits", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        message = line.rstrip("\r\n")
+        if message.strip() == "/exit":
+            break
+        if message.strip() == "/reset":
+            history = []
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        if not message.strip():
+            continue
+        history.append({"role": "user", "content": _unescape(message)})
+        ids = tokenizer.encode_chat(system + history)
+        while len(ids) > limit - room and len(history) > 1:  # drop the oldest exchange
+            history = history[2:]
+            ids = tokenizer.encode_chat(system + history)
+        if len(ids) >= limit:
+            history.pop()
+            print(f"chat: error: this message needs {len(ids)} tokens but the model's context is {limit} tokens",
+                  file=sys.stderr)
+            continue
+        stats = GenerationStats()
+        reply = []
+        for piece in stream(model, tokenizer, ids, config, stats):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(reply) or " "})
+        if not args.quiet:
+            print(f"[{stats.summary()}]", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------- convert
 def add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between HF and Mistral native formats",
@@ -457,7 +616,7 @@ def _merge_lora(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- entry point
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_serve, add_evaluate, add_merge_lora]  # add_<name> functions, in help order
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_chat, add_convert, add_serve, add_evaluate, add_merge_lora]  # add_<name> functions, in help order
 
 
 def build_parser() -> argparse.ArgumentParser:
