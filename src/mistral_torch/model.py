@@ -139,7 +139,7 @@ class Transformer(nn.Module):
             capacity = a.sliding_window or a.max_seq_len
         if a.sliding_window is not None:
             capacity = max(capacity, a.sliding_window)
-        w = self.lm_head.weight
+        w = self.model.norm.weight  # a float parameter even when lm_head is quantized (packed ints)
         return RollingKVCache(a.n_layers, batch_size, a.n_kv_heads, a.head_dim, capacity,
                               a.sliding_window, dtype=w.dtype, device=w.device)
 
