@@ -615,8 +615,176 @@ def _merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- pretrain / finetune: shared training flags
+# `pretrain` and `finetune` build a TrainConfig the same way: --config FILE (TOML or YAML), then the
+# flags given (flags win), then --set KEY=VALUE for any other config key; `train.train` does the rest.
+# Under `torchrun --nproc_per_node N` the same command runs on N processes (FSDP2, or --ddp).
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="run config: a .toml or .yaml file of TrainConfig keys")
+    g = p.add_argument_group("config overrides (default: the config file's value, else the built-in default)")
+    for flag, kind, text in [
+        ("--out-dir", str, "run folder: checkpoints, metrics.jsonl, loss.png, final/"),
+        ("--model", str, "ModelArgs preset name (e.g. tiny, bench-125m)"),
+        ("--init-from", str, "start from this model folder or shipped name"),
+        ("--tokenizer", str, "tokenizer file/name, or sentencepiece:N to train one on the data"),
+        ("--data", str, "data file(s), comma-separated"),
+        ("--val-data", str, "validation file (default: a val_fraction split of --data)"),
+        ("--template", str, "prompt template of supervised pairs"),
+        ("--seq-len", int, "sequence length"),
+        ("--batch-size", int, "GLOBAL batch: sequences per micro-step, over all processes"),
+        ("--grad-accum", int, "micro-steps per optimizer step"),
+        ("--max-steps", int, "optimizer steps"),
+        ("--lr", float, "peak learning rate"),
+        ("--min-lr", float, "final learning rate of the cosine decay"),
+        ("--warmup-steps", int, "linear warmup steps"),
+        ("--weight-decay", float, "AdamW decoupled weight decay (matrices only)"),
+        ("--grad-clip", float, "gradient-norm clip"),
+        ("--seed", int, "seed of initialisation and data order"),
+        ("--eval-every", int, "steps between validation losses"),
+        ("--ckpt-every", int, "steps between checkpoints"),
+        ("--keep-last", int, "checkpoints kept"),
+        ("--log-every", int, "steps between throughput updates"),
+        ("--threads", int, "CPU threads per process"),
+    ]:
+        g.add_argument(flag, type=kind, default=None, help=text)
+    g.add_argument("--data-format", choices=["text", "pairs"], default=None, help="text corpus or supervised pairs")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="compute dtype")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: CUDA when available")
+    g.add_argument("--ddp", action="store_const", const="ddp", dest="parallel",
+                   help="under torchrun: replicate with DDP instead of sharding with FSDP2")
+    g.add_argument("--activation-checkpointing", action="store_const", const=True, default=None,
+                   help="recompute each decoder layer in the backward pass")
+    g.add_argument("--compile", action="store_const", const=True, default=None, help="torch.compile the model")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config key, value in TOML syntax (repeatable), e.g. --set 'betas=[0.9, 0.99]'")
+    r = p.add_argument_group("resuming")
+    r.add_argument("--resume", nargs="?", const="latest", default="latest", metavar="CKPT",
+                   help="resume from CKPT (a checkpoints/step_* folder); default: the latest in --out-dir, if any")
+    r.add_argument("--no-resume", dest="resume", action="store_const", const=None,
+                   help="start from scratch (refused when --out-dir already holds checkpoints)")
+    r.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N steps (resume later)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def train_config(args: argparse.Namespace, defaults: dict):
+    """The TrainConfig of a `pretrain`/`finetune` command line (file, then `defaults` for keys it
+    lacks, then flags, then --set)."""
+    import tomllib
+
+    from .train import TrainConfig, read_config_file
+
+    raw = {**defaults, **(read_config_file(args.config) if args.config else {})}
+    names = ["out_dir", "model", "init_from", "tokenizer", "data", "val_data", "template", "seq_len",
+             "batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay",
+             "grad_clip", "seed", "eval_every", "ckpt_every", "keep_last", "log_every", "threads",
+             "data_format", "dtype", "device", "parallel", "activation_checkpointing", "compile"]
+    raw.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            raw[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            raw[key.strip()] = value  # a bare string
+    if not raw.get("data"):
+        raise ValueError("no training data: give --data or a config file with `data`")
+    return TrainConfig.from_dict(raw)
+
+
+def run_training(args: argparse.Namespace, cfg) -> int:
+    import os
+    from pathlib import Path
+
+    from .train import latest_checkpoint, train
+
+    if args.resume is None and latest_checkpoint(Path(cfg.out_dir)) is not None:
+        raise ValueError(f"{cfg.out_dir} already holds checkpoints; resume (the default), or choose another --out-dir")
+    result = train(cfg, resume=False if args.resume is None else args.resume, progress=not args.quiet,
+                   stop_after=args.stop_after)
+    if int(os.environ.get("RANK", "0")) == 0:
+        done = result["step"] >= cfg.max_steps
+        print(f"step {result['step']}/{cfg.max_steps}, loss {result['loss']:.4f}; run folder {cfg.out_dir}"
+              + (f" (model: {Path(cfg.out_dir) / 'final'})" if done and cfg.lora is None else ""))
+    return 0
+
+
+# ---------------------------------------------------------------- pretrain
+def add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pre-train a model on text corpora (1 process, or N under torchrun)",
+                       description="Pre-train on plain-text / JSONL corpora packed into fixed-length sequences. "
+                                   "Resumes from the latest checkpoint of --out-dir when there is one. Under "
+                                   "`torchrun --nproc_per_node N` the same command trains with FSDP2 (or --ddp).")
+    add_train_flags(p)
+    p.set_defaults(func=_pretrain)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    return run_training(args, train_config(args, {"data_format": "text"}))
+
+
+# ---------------------------------------------------------------- finetune
+def add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune on supervised pairs: all weights (--full) or LoRA/QLoRA",
+                       description="Fine-tune on supervised pairs (TSV or JSONL prompt/target) rendered through a "
+                                   "prompt template, loss on the target tokens only. --full trains every weight; "
+                                   "--lora / --qlora (or a [lora] table) train adapters on a frozen base.")
+    p.add_argument("--full", action="store_true", help="full fine-tuning: every weight is trained")
+    add_train_flags(p)
+    add_lora_flags(p)
+    p.set_defaults(func=_finetune)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    import os
+
+    cfg = train_config(args, {"data_format": "pairs"})
+    cfg.lora = lora_table(args, cfg.lora)
+    if args.full and cfg.lora is not None:
+        raise ValueError("--full trains every weight; it cannot be combined with --lora/--qlora or a [lora] table")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.dry_run:
+        print_memory_plan(cfg, world)
+        return 0
+    if not args.full and cfg.lora is None:
+        raise ValueError("choose --full (train every weight) or --lora / --qlora (adapters on a frozen base)")
+    from .lora import peak_rss_bytes
+
+    before = peak_rss_bytes()
+    code = run_training(args, cfg)
+    if int(os.environ.get("RANK", "0")) == 0 and cfg.lora is not None:
+        report_peak_memory(cfg, before, world)
+    return code
+
+
+# ---------------------------------------------------------------- export-run
+def add_export_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-run", help="turn a training run's checkpoint into a loadable model folder",
+                       description="Write the latest (or --step N) checkpoint of RUN_DIR to DST as a transformers-format "
+                                   "folder (config.json + model.safetensors) with the run's tokenizer beside it, "
+                                   "ready for load_model / generate / chat. Sharded (FSDP) checkpoints work too.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's --out-dir")
+    p.add_argument("dst", metavar="DST", help="model folder to write (must not exist unless --force)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--dtype", default=None, help="weights dtype: fp32, bf16 or fp16 (default: fp32)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_export_run)
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    from .train import export_run, find_checkpoint
+
+    ckpt = find_checkpoint(args.run_dir, args.step)
+    try:
+        export_run(args.run_dir, args.dst, step=args.step, dtype=args.dtype, overwrite=args.force)
+    except FileExistsError as exc:
+        raise ValueError(str(exc)) from None
+    print(f"wrote {args.dst} from {ckpt}")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_chat, add_convert, add_serve, add_evaluate, add_merge_lora]  # add_<name> functions, in help order
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_chat, add_convert, add_serve, add_evaluate, add_merge_lora, add_pretrain, add_finetune, add_export_run]  # add_<name> functions, in help order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,18 +92,7 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
         """From a `.toml` or `.yaml`/`.yml` file; `overrides` that are not None win."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-            if not isinstance(raw, dict):
-                raise ValueError(f"{path}: expected a mapping of config keys")
-        else:
-            raw = tomllib.loads(text)
+        raw = read_config_file(path)
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(raw)
 
@@ -139,6 +128,22 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The keys of a TOML or YAML (`.yaml`/`.yml`) run config, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".yaml", ".yml"):
+        return tomllib.loads(text)
+    import yaml
+
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys")
+    return raw
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
