@@ -418,27 +418,28 @@ def test_concurrent_requests_each_equal_alone(client):
     assert together == alone
 
 
-def test_full_queue_gets_429_at_once(server, client):
-    """4 rows + 6 queued are busy: the next request is refused at once, the rest complete."""
-    body = {"prompt": "Busy", "max_tokens": 600, "temperature": 0, "ignore_eos": True}
-    results: list = []
-
-    def hold() -> None:
-        results.append(post(server.url + "/v1/completions", body, timeout=300)[0])
-
-    threads = [threading.Thread(target=hold) for _ in range(10)]
-    for t in threads:
-        t.start()
-    t0 = time.monotonic()
-    while sum(server.health()[k] for k in ("running", "waiting")) < 10 and time.monotonic() - t0 < 30:
-        time.sleep(0.02)
-    t1 = time.monotonic()
-    status, err = post(server.url + "/v1/completions", {"prompt": "one more", "max_tokens": 2})
-    assert status == 429 and err["error"]["code"] == "server_busy" and time.monotonic() - t1 < 5
+def test_full_queue_gets_429_at_once_and_queued_clients_can_leave(server, client):
+    """4 rows + 6 queued are busy: the next request is refused at once. Then all 10 clients
+    go away (the queued ones too) and the server is idle again right after."""
+    body = json.dumps({"prompt": "Busy", "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True})
+    conns = []
+    for _ in range(10):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", body,
+                     {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
+        conns.append(conn)
+    assert all(c.getresponse().status == 200 for c in conns)
     h = server.health()
-    for t in threads:
-        t.join()
-    assert results == [200] * 10, (results, h)
+    assert (h["running"], h["waiting"]) == (4, 6)
+    t0 = time.monotonic()
+    status, err = post(server.url + "/v1/completions", {"prompt": "one more", "max_tokens": 2})
+    assert status == 429 and err["error"]["code"] == "server_busy" and time.monotonic() - t0 < 5
+    for c in conns:
+        c.close()
+    t0 = time.monotonic()
+    while sum(server.health()[k] for k in ("running", "waiting")) and time.monotonic() - t0 < 10:
+        time.sleep(0.02)
+    assert sum(server.health()[k] for k in ("running", "waiting")) == 0
     assert client.completions.create(model="tiny-test", prompt="after", max_tokens=2).usage.completion_tokens == 2
 
 
@@ -446,7 +447,7 @@ def test_sigterm_is_graceful(server):
     """SIGTERM during a streamed reply: the reply finishes ([DONE]), then the process exits 0.
     (Last test of the module: it stops the shared server.)"""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Bye", "max_tokens": 300, "temperature": 0,
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Bye", "max_tokens": 100, "temperature": 0,
                                                         "stream": True, "ignore_eos": True,
                                                         "stream_options": {"include_usage": True}}),
                  {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
@@ -457,9 +458,42 @@ def test_sigterm_is_graceful(server):
     rest = resp.read().decode()
     assert rest.rstrip().endswith("data: [DONE]")
     usage = json.loads(rest.rstrip().split("\n\n")[-2][6:])["usage"]
-    assert usage["completion_tokens"] == 300  # the reply in flight was not cut short
+    assert usage["completion_tokens"] == 100  # the reply in flight was not cut short
     assert server.proc.wait(30) == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
     log = server.log.read_text()
     assert "Traceback" not in log, log
+
+
+# ================================================================ the command line
+def test_cli_serve_defaults_and_adapter_wiring(model_dir, tmp_path, monkeypatch):
+    """`serve` binds 127.0.0.1 by default; --adapter loads a LoRA adapter onto the served model."""
+    from mistral_torch import cli
+    from mistral_torch import serve as serve_module
+    from mistral_torch.checkpoint import load_model
+
+    args = cli.build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.api_key, args.max_batch_size) == ("127.0.0.1", 8000, None, 16)
+
+    served: dict = {}
+    monkeypatch.setattr(serve_module, "serve", lambda model, tok, name, host, port, **kw: served.update(
+        model=model, name=name, host=host, port=port, **kw))
+    monkeypatch.delenv("MISTRAL_TORCH_API_KEY", raising=False)
+    assert cli.main(["serve", "--model", str(model_dir), "--max-body-size", "1KiB"]) == 0
+    assert (served["host"], served["port"], served["name"], served["api_key"]) == ("127.0.0.1", 8000, "tiny", None)
+    assert served["max_body_bytes"] == 1024
+
+    lora = pytest.importorskip("mistral_torch.lora")
+    tuned = lora.apply_lora(load_model(model_dir), r=4, seed=0)
+    with torch.no_grad():
+        for _, m in lora.lora_modules(tuned):
+            m.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    lora.save_adapter(tuned, tmp_path / "adapter")
+    assert cli.main(["serve", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter")]) == 0
+    tokens = torch.tensor([[1, 50, 900, 4000, 12]])
+    with torch.inference_mode():
+        got, want = served["model"](tokens, use_cache=False)[0], tuned.eval()(tokens, use_cache=False)[0]
+        base = load_model(model_dir)(tokens, use_cache=False)[0]
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, base)  # the adapter changed the model

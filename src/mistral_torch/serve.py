@@ -254,7 +254,8 @@ class Engine:
     def counts(self) -> tuple[int, int]:
         """(running rows, waiting jobs)."""
         with self._cond:
-            return sum(not r.finished and not r.job.cancelled for r in self.rows), len(self._pending)
+            running = sum(not r.finished and not r.job.cancelled for r in self.rows)
+            return running, sum(not j.cancelled for j in self._pending)
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._run, name="mistral-torch-engine", daemon=True)
@@ -614,7 +615,8 @@ def create_app(model: Transformer, tokenizer: "Tokenizer", model_name: str = "mi
             config = GenerationConfig(
                 max_new_tokens=max_tokens or default_max or engine.limit, temperature=req.temperature,
                 top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-                stop=[s for s in stop if s], seed=req.seed, ignore_eos=req.ignore_eos)
+                stop=[s for s in stop if s], seed=None if req.seed is None else req.seed % 2**63,
+                ignore_eos=req.ignore_eos)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         return config
