@@ -23,7 +23,6 @@ import json
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,8 @@ def model_folder(name: str | None, workdir: Path) -> tuple[Path, str]:
     from mistral_torch.checkpoint import save_model
     from mistral_torch.tokenizer import NAMED, _data_dir
 
-    args = ModelArgs.from_dict({**ModelArgs.from_name("mistral-tiny-en-fr").to_dict(), "vocab_size": 32000})  # v1 tokenizer
+    preset = ModelArgs.from_name("mistral-tiny-en-fr").to_dict()
+    args = ModelArgs.from_dict({**preset, "vocab_size": 32000})  # over the v1 tokenizer
     model = Transformer(args).init_weights(seed=0).eval()
     folder = save_model(model, workdir / "stand-in", extra_files=[_data_dir() / NAMED["v1"]])
     return folder, f"random stand-in for tiny-en-fr (mistral-tiny-en-fr preset, vocab 32000, {args.n_params:,} params)"
@@ -103,7 +103,8 @@ def request(conn: http.client.HTTPConnection, body: dict) -> tuple[int, int, str
     return 200, usage[-1]["completion_tokens"] if usage else 0, "" if usage else "no usage chunk"
 
 
-def run_clients(port: int, n_clients: int, bodies_per_client: list[list[dict]]) -> tuple[float, list[float], list[tuple]]:
+def run_clients(port: int, n_clients: int,
+                bodies_per_client: list[list[dict]]) -> tuple[float, list[float], list[tuple]]:
     """Wall time, latencies, and (status, tokens, error, body) per request."""
     latencies: list[float] = []
     results: list[tuple] = []
