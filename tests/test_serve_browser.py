@@ -12,6 +12,8 @@ import urllib.request
 import pytest
 from test_serve import ServerProcess, save_served_model
 
+KEY = "browser-key"
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
 def server(tmp_path_factory):
     pytest.importorskip("fastapi")
     folder = save_served_model(tmp_path_factory.mktemp("browser") / "tiny")
-    srv = ServerProcess(folder, tmp_path_factory.mktemp("log") / "server.log")
+    srv = ServerProcess(folder, tmp_path_factory.mktemp("log") / "server.log", "--threads", "1", "--api-key", KEY)
     yield srv
     srv.stop()
 
@@ -49,12 +51,14 @@ def test_chat_page_streams_a_reply(server, browser):
 
     browser.get(server.url + "/")
     wait = WebDriverWait(browser, 60)
-    wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny-test")  # the page asked /v1/models
+    wait.until(lambda d: "API key" in d.find_element(By.ID, "model").text)  # /v1/models refused without the key
     browser.find_element(By.ID, "toggle-settings").click()
-    for field, value in (("temperature", "0"), ("max-tokens", "24")):
+    for field, value in (("api-key", KEY), ("temperature", "0"), ("max-tokens", "24")):
         box = browser.find_element(By.ID, field)
         box.clear()
         box.send_keys(value)
+    browser.find_element(By.ID, "input").click()  # leaving the fields fires their change events
+    wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny-test")  # now /v1/models answers
     browser.find_element(By.ID, "input").send_keys("Bonjour! How are you?")
     browser.find_element(By.ID, "send").click()
 
@@ -68,7 +72,7 @@ def test_chat_page_streams_a_reply(server, browser):
     req = urllib.request.Request(server.url + "/v1/chat/completions", method="POST",
                                  data=json.dumps({"messages": [{"role": "user", "content": "Bonjour! How are you?"}],
                                                   "max_tokens": 24, "temperature": 0}).encode(),
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json", "authorization": f"Bearer {KEY}"})
     with urllib.request.urlopen(req, timeout=60) as r:
         expected = json.load(r)["choices"][0]["message"]["content"]
     assert text == expected and chunks > 1, (text, expected, chunks)  # streamed in several pieces
