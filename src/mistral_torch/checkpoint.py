@@ -326,6 +326,8 @@ def _check_quantization(config: dict[str, Any], config_file: Path) -> str | None
         q = config.get(field)
         if not q:
             continue
+        from . import quantize  # noqa: F401  (registers its loaders in QUANTIZED_LOADERS)
+
         method = q
         if isinstance(q, dict):
             method = q.get("method") or q.get("quant_method")
