@@ -85,15 +85,17 @@ class Collector:
         return next((e for e in self.events.get(i, []) if isinstance(e, (Done, Failed))), None)
 
 
-@pytest.mark.parametrize("window", [8, None], ids=["window8", "no-window"])
-def test_engine_joins_and_leaves_exactly(tokenizer, window):
+@pytest.mark.parametrize("window,long", [(8, 30), (None, 30), (300, 290), (None, 290)],
+                         ids=["window8", "no-window", "window300-long", "no-window-long"])
+def test_engine_joins_and_leaves_exactly(tokenizer, window, long):
     """Jobs joining a running batch at arbitrary steps and leaving when done each decode exactly
-    the tokens of their prompt decoded alone (window 8 wraps the rolling cache many times;
-    without a window the batch cache grows as longer jobs join)."""
-    model = served_model(sliding_window=window, max_seq_len=256)
+    the tokens of their prompt decoded alone. Window 8 wraps the rolling cache many times;
+    without a window the batch cache grows as longer jobs join; prompts longer than 256 make
+    caches whose key/value buffers differ in length (when the cache allocates them lazily)."""
+    model = served_model(sliding_window=window, max_seq_len=1024)
     engine = Engine(model, tokenizer, max_batch_size=3, max_queue=10)
     rng = random.Random(0)
-    prompts = [[tokenizer.bos_id] + [rng.randrange(3, 32000) for _ in range(n)] for n in (3, 20, 7, 1, 13, 30, 5)]
+    prompts = [[tokenizer.bos_id] + [rng.randrange(3, 32000) for _ in range(n)] for n in (3, 20, 7, 1, 13, long, 5)]
     lengths = [9, 4, 15, 6, 11, 3, 8]
     joins = [0, 0, 2, 3, 3, 9, 10]  # step at which each job is submitted
     out = Collector()

@@ -175,25 +175,33 @@ def _select_rows(cache: RollingKVCache, keep: torch.Tensor) -> None:
     cache.next_pos = cache.next_pos.index_select(0, keep)
 
 
-def _grow(cache: RollingKVCache, capacity: int) -> None:
-    """Pad a cache without a sliding window to `capacity` slots (exact: it never wraps)."""
-    extra = capacity - cache.capacity
+def _pad_slots(t: torch.Tensor, dim: int, size: int, value: int) -> torch.Tensor:
+    """`t` extended along `dim` to `size` with `value` (unchanged when already that long)."""
+    extra = size - t.shape[dim]
     if extra <= 0:
-        return
-    assert cache.window is None, "a windowed cache has a fixed capacity"
-    pad = lambda t, value: torch.cat([t, t.new_full((*t.shape[:2], extra, *t.shape[3:]), value)], dim=2)  # noqa: E731
-    cache.k = [pad(k, 0) for k in cache.k]
-    cache.v = [pad(v, 0) for v in cache.v]
-    cache.slot_pos = torch.cat([cache.slot_pos, cache.slot_pos.new_full((cache.batch_size, extra), -1)], dim=1)
-    cache.capacity = capacity
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_full(shape, value)], dim=dim)
 
 
 def _append_rows(cache: RollingKVCache, other: RollingKVCache) -> None:
-    """Append the rows of `other` after those of `cache` (same model; see the module docstring)."""
+    """Append the rows of `other` after those of `cache` (same model; see the module docstring).
+
+    Both are first brought to the same shape, which never moves a slot: without a window the
+    smaller capacity grows to the larger (such a cache never wraps, so slot = position), and
+    key/value buffers shorter than the capacity (a cache may allocate them as positions arrive)
+    are padded to the longer one. Added slots are empty (position -1), hence never attended.
+    """
     if cache.capacity != other.capacity:
-        capacity = max(cache.capacity, other.capacity)
-        _grow(cache, capacity)
-        _grow(other, capacity)
+        assert cache.window is None and other.window is None, "a windowed cache has a fixed capacity"
+    capacity = max(cache.capacity, other.capacity)
+    allocated = max(cache.k[0].shape[2], other.k[0].shape[2])
+    for c in (cache, other):
+        c.slot_pos = _pad_slots(c.slot_pos, 1, capacity, -1)
+        c.k = [_pad_slots(k, 2, allocated, 0) for k in c.k]
+        c.v = [_pad_slots(v, 2, allocated, 0) for v in c.v]
+        c.capacity = capacity
     cache.k = [torch.cat([a, b]) for a, b in zip(cache.k, other.k)]
     cache.v = [torch.cat([a, b]) for a, b in zip(cache.v, other.v)]
     cache.slot_pos = torch.cat([cache.slot_pos, other.slot_pos])
