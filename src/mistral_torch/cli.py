@@ -47,6 +47,7 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="do not print speed figures on stderr")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter folder (PEFT format) to the model")
 
 
 def _unescape(text: str) -> str:
@@ -73,6 +74,10 @@ def _load_for_generation(args: argparse.Namespace):
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(args.tokenizer if args.tokenizer else path)
     model = load_model(path, dtype=args.dtype, device=args.device)
+    if args.adapter:  # LoRA: load, then fold into the weights (decoding then costs what the base does)
+        from .lora import load_adapter, merge_adapter
+
+        merge_adapter(load_adapter(model, args.adapter))
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
     return model, tokenizer, config
@@ -223,7 +228,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-size", default="2MiB", help="largest request body, else 413 (default: 2MiB)")
     p.add_argument("--dtype", default=None, help="weights dtype: fp32, bf16 or fp16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--quantize", default=None, metavar="METHOD", help="quantize the weights after loading")
+    p.add_argument("--quantize", default=None, metavar="METHOD",
+                   help="quantize the weights after loading: int8, int4 or nf4 (quantize.py)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="load a LoRA adapter folder on top of the model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -282,6 +288,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--model", default=None, help="checkpoint folder or shipped model name (default: the shipped model)")
         q.add_argument("--tokenizer", default=None, help="tokenizer file/name (default: the checkpoint's)")
         q.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
+        q.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter folder (PEFT format)")
         q.add_argument("--device", default="cpu", help="torch device (default: cpu)")
         q.add_argument("--batch-size", type=int, default=batch, help=f"rows per forward (default: {batch})")
         q.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="also write the results as JSON")
@@ -354,6 +361,10 @@ def _evaluate_load(args: argparse.Namespace):
     from .tokenizer import load_tokenizer
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
+    if getattr(args, "adapter", None):
+        from .lora import load_adapter, merge_adapter
+
+        merge_adapter(load_adapter(model, args.adapter))
     tokenizer = load_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
@@ -740,6 +751,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
     cfg = train_config(args, {"data_format": "pairs"})
     cfg.lora = lora_table(args, cfg.lora)
+    if cfg.lora is not None and cfg.lora["qlora"]:
+        cfg.activation_checkpointing = True  # QLoRA = NF4 base + adapters + activation checkpointing
     if args.full and cfg.lora is not None:
         raise ValueError("--full trains every weight; it cannot be combined with --lora/--qlora or a [lora] table")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -748,8 +761,10 @@ def _finetune(args: argparse.Namespace) -> int:
         return 0
     if not args.full and cfg.lora is None:
         raise ValueError("choose --full (train every weight) or --lora / --qlora (adapters on a frozen base)")
-    from .lora import peak_rss_bytes
+    from .lora import peak_rss_bytes, return_freed_memory_to_os
 
+    if cfg.lora is not None:
+        return_freed_memory_to_os()  # glibc then returns freed activations: peak RSS tracks live tensors
     before = peak_rss_bytes()
     code = run_training(args, cfg)
     if int(os.environ.get("RANK", "0")) == 0 and cfg.lora is not None:
