@@ -529,3 +529,33 @@ def test_quantized_base_with_checkpointing_and_bf16_autocast():
     for k in plain:  # bf16 compute: same gradients to bf16 precision
         assert bf16[k].dtype == torch.float32
         assert torch.allclose(bf16[k], plain[k], atol=5e-2 * float(plain[k].abs().max()) + 1e-6), k
+
+
+def test_finetune_lora_cli_then_generate_with_adapter(tiny_base, tmp_path, capsys):
+    from mistral_torch.cli import main
+
+    base, data = tiny_base
+    digest = folder_digest(base)
+    run = tmp_path / "run"
+    common = ["finetune", "--init-from", str(base), "--data", str(data), "--template", "translate-fr-en",
+              "--set", "reverse_pairs=true", "--set", "val_fraction=0.1", "--out-dir", str(run), "--seq-len", "64",
+              "--batch-size", "8", "--max-steps", "4", "--eval-every", "2", "--ckpt-every", "2", "--threads", "1",
+              "--lr", "1e-2", "--warmup-steps", "1", "--quiet", "--lora", "--r", "4", "--alpha", "8",
+              "--targets", "all-linear"]
+    assert main(common + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "this run: lora" in out and "peak" in out and not run.exists()
+    assert main(common) == 0
+    out = capsys.readouterr().out
+    assert "peak memory (lora): measured" in out and "planned" in out
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and folder_digest(base) == digest
+    assert main(["merge-lora", str(base), str(run / "adapter"), str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    prompt = "Translate: French → English\nFrench: Bonjour.\nEnglish:"
+    gen = ["generate", prompt, "--max-new-tokens", "6", "--quiet", "--threads", "1"]
+    assert main(gen + ["--model", str(base), "--adapter", str(run / "adapter")]) == 0
+    with_adapter = capsys.readouterr().out
+    assert main(gen + ["--model", str(tmp_path / "merged")]) == 0
+    assert capsys.readouterr().out == with_adapter
+    assert main(["finetune", "--full", "--lora", "--data", str(data), "--init-from", str(base)]) == 2
+    assert "cannot be combined" in capsys.readouterr().err
