@@ -498,3 +498,21 @@ def test_cli_serve_defaults_and_adapter_wiring(model_dir, tmp_path, monkeypatch)
         base = load_model(model_dir)(tokens, use_cache=False)[0]
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, base)  # the adapter changed the model
+
+
+def test_cli_serve_quantize_wiring(model_dir, monkeypatch):
+    pytest.importorskip("mistral_torch.quantize")
+    from mistral_torch import cli
+    from mistral_torch import serve as serve_module
+    from mistral_torch.checkpoint import load_model
+
+    served: dict = {}
+    monkeypatch.setattr(serve_module, "serve", lambda model, *a, **kw: served.update(model=model))
+    assert cli.main(["serve", "--model", str(model_dir), "--quantize", "int8"]) == 0
+    model = served["model"]
+    assert getattr(model, "quantization", None) and type(model.lm_head).__name__ != "Linear"
+    tokens = torch.tensor([[1, 50, 900, 4000, 12]])
+    with torch.inference_mode():
+        got, base = model(tokens, use_cache=False)[0], load_model(model_dir)(tokens, use_cache=False)[0]
+    assert (got - base).abs().max() < 0.05 * base.abs().max()  # int8: close to the full-precision model
+    assert cli.main(["serve", "--model", str(model_dir), "--quantize", "int3"]) == 2  # a clear error, no traceback
