@@ -101,6 +101,8 @@ def test_bad_inputs(v1, tmp_path):
         Tokenizer.from_file(tmp_path / "junk.model")
     with pytest.raises(ValueError, match="expects a str"):
         v1.encode(123)
+    with pytest.raises(ValueError, match=r"token id 32000 is outside the tokenizer's vocabulary \[0, 32000\)"):
+        v1.decode([5, 32000])
 
 
 # ---------------------------------------------------------------- round trips

@@ -176,7 +176,11 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control tokens (BOS, EOS, [INST], ...) are dropped."""
-        return self._backend.decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the tokenizer's vocabulary [0, {self.vocab_size})")
+        return self._backend.decode(ids)
 
     def stream_decoder(self, context: Sequence[int] = ()) -> "StreamDecoder":
         """A `StreamDecoder` continuing after `context` (e.g. the prompt's ids)."""
