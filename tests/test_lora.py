@@ -149,7 +149,7 @@ def test_only_lora_parameters_get_gradients_and_change():
     for k, v in before.items():
         assert torch.equal(after[k], v), f"base tensor {k} changed"
     for name, m in lora.lora_modules(model):
-        assert float(m.lora_B.abs().max()) > 0, name
+        assert float(m.lora_B.detach().abs().max()) > 0, name
 
 
 def test_merged_forward_equals_unmerged_after_training():
@@ -337,6 +337,15 @@ def test_qlora_nf4_train_merge_requantize(tmp_path):
     lora.prepare_model(model, lora.LoRAConfig(r=8, alpha=16, dropout=0.0, targets="all-linear", qlora=True), seed=0)
     q = model.model.layers[0].self_attn.q_proj
     assert q.quantized and isinstance(q._base, quantize.NF4Linear)
+    sd = model.state_dict()  # NF4's own buffers under the HF names, + the adapter
+    assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
+    assert {"model.layers.0.self_attn.q_proj.absmax_scale", "model.layers.0.self_attn.q_proj.lora_A"} <= set(sd)
+    twin = lora.prepare_model(tiny_model(seed=99), lora.LoRAConfig(r=8, alpha=16, targets="all-linear", qlora=True))
+    twin.load_state_dict(sd, strict=True)
+    t = toks(model, 12)
+    assert torch.equal(fwd(twin, t), fwd(model, t))
+    twin.to(torch.bfloat16)  # quantization buffers keep their dtypes, as quantize.py's modules do
+    assert twin.state_dict()["model.layers.0.self_attn.q_proj.absmax_scale"].dtype == torch.float32
     model.activation_checkpointing = True
     losses = train_steps(model, steps=6, lr=2e-2)
     assert losses[-1] < losses[0]

@@ -149,6 +149,52 @@ class LoRALinear(nn.Module):
             base._buffers[name] = self._buffers[name]
         return base
 
+    # A quantized base may have its own rules for dtype casts and (de)serialisation (quantize.py's
+    # buffers keep their dtypes through model.to(bf16); int4 repacks for its kernel): apply them.
+    def _apply(self, fn, recurse=True):
+        if self._base is None:
+            return super()._apply(fn, recurse)
+        base = self._base_module()
+        base._apply(fn, recurse)
+        own = {n: self._buffers.pop(n) for n in base._buffers}
+        ownp = {n: self._parameters.pop(n) for n in base._parameters}
+        super()._apply(fn, recurse)  # lora_A, lora_B
+        self._buffers.update({n: base._buffers[n] for n in own})
+        self._parameters.update({n: base._parameters[n] for n in ownp})
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._base is None:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._base_module()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in ("lora_A", "lora_B"):
+            p = self._parameters[name]
+            destination[prefix + name] = p if keep_vars else p.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if self._base is None:
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        lora_keys = {prefix + "lora_A", prefix + "lora_B"}
+        base = self._base_module()
+        base_sd = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in lora_keys}
+        base._load_from_state_dict(base_sd, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._buffers.update({n: base._buffers[n] for n in base._buffers})
+        self._parameters.update({n: base._parameters[n] for n in base._parameters})
+        for name in ("lora_A", "lora_B"):
+            key, p = prefix + name, self._parameters[name]
+            if key not in state_dict:
+                missing_keys.append(key)
+            elif tuple(state_dict[key].shape) != tuple(p.shape):
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                  f"{tuple(state_dict[key].shape)}, the current one is {tuple(p.shape)}")
+            elif local_metadata.get("assign_to_params_buffers", False):
+                self._parameters[name] = nn.Parameter(state_dict[key], requires_grad=p.requires_grad)
+            else:
+                with torch.no_grad():
+                    p.copy_(state_dict[key])
+
     def base_weight(self) -> torch.Tensor:
         """The base weight as a float tensor (dequantized for a quantized base)."""
         return self.weight if self._base is None else self._base_module().dequantize()
