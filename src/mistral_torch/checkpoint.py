@@ -362,6 +362,10 @@ def load_model(path_or_name: str | Path | None = None, dtype: str | torch.dtype 
     device: where the parameters live; each tensor goes there straight from its mapping.
     """
     folder = resolve_model_path(path_or_name)
+    if folder.is_file() and folder.suffix.lower() == ".gguf":  # llama.cpp's format: gguf.py
+        from .gguf import load_gguf
+
+        return load_gguf(folder, dtype=dtype, device=device)
     if folder.is_file():
         folder = folder.parent
     fmt, config_file, files = detect_format(folder)
