@@ -182,12 +182,16 @@ def _chat(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- convert
 def add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert a checkpoint between HF and Mistral native formats",
-                       description="Load SRC (HF folder, Mistral native folder or shipped model name) "
-                                   "and write it to DST atomically; tokenizer files are copied along.")
-    p.add_argument("src", metavar="SRC", help="checkpoint folder or shipped model name")
-    p.add_argument("dst", metavar="DST", help="folder to write (must not exist unless --force)")
-    p.add_argument("--to", required=True, choices=["hf", "mistral"], help="output format")
+    p = sub.add_parser("convert", help="convert a checkpoint between HF, Mistral native and GGUF formats",
+                       description="Load SRC (HF folder, Mistral native folder, .gguf file or shipped model name) "
+                                   "and write it to DST atomically; tokenizer files are copied along "
+                                   "(GGUF: the tokenizer and a chat template are embedded in the file).")
+    p.add_argument("src", metavar="SRC", help="checkpoint folder, .gguf file or shipped model name")
+    p.add_argument("dst", metavar="DST", help="folder (or .gguf file) to write (must not exist unless --force)")
+    p.add_argument("--to", required=True, choices=["hf", "mistral", "gguf"], help="output format")
+    p.add_argument("--outtype", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="GGUF tensor type (default: the model's dtype)")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="merge this LoRA adapter into the weights first")
     p.add_argument("--dtype", default=None, help="weights dtype: fp32, bf16 or fp16 (default: keep)")
     p.add_argument("--max-shard-size", default="5GB", help="HF shard size limit (default: 5GB)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
@@ -197,6 +201,10 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from .checkpoint import load_model, resolve_model_path, save_model, tokenizer_files
 
+    if args.to == "gguf" or args.src.endswith(".gguf") or args.adapter or args.outtype:
+        from .gguf import convert_command  # GGUF in or out, or a LoRA merge on the way
+
+        return convert_command(args)
     src = resolve_model_path(args.src)
     model = load_model(src, dtype=args.dtype)
     folder = src if src.is_dir() else src.parent
