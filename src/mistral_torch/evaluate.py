@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 LOGITS_BUDGET = 2**27  # elements of logits (batch x tokens x vocab) held at once (512 MiB fp32)
+TOKENS_BUDGET = 16384  # tokens (batch x length) in one scoring forward
 
 
 def _progress(total: int, desc: str, enabled: bool | None):
@@ -269,7 +270,8 @@ def score_tokens(model: Transformer, requests: Sequence[tuple[Sequence[int], Seq
     max_length defaults to max_seq_len). Requests reading the same tokens share one forward
     (all four answer letters of an MMLU question, for instance). Inputs run longest first,
     right-padded, as plain full forwards: padding on the right never changes earlier positions
-    under causal attention. A batch holds at most `batch_size` rows and LOGITS_BUDGET logits.
+    under causal attention. A batch holds at most `batch_size` rows and TOKENS_BUDGET tokens,
+    and only the positions that predict continuation tokens go through lm_head.
     """
     max_length = max_length or model.args.max_seq_len
     inputs: dict[tuple[int, ...], list[int]] = {}  # input ids -> request indices
@@ -287,26 +289,48 @@ def score_tokens(model: Transformer, requests: Sequence[tuple[Sequence[int], Seq
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     device = model.lm_head.weight.device
     bar = _progress(len(requests), "scoring", progress)
-    V = model.args.vocab_size
     start = 0
     while start < len(order):
         T = len(order[start])
-        B = max(1, min(batch_size, LOGITS_BUDGET // (T * V), len(order) - start))
+        B = max(1, min(batch_size, TOKENS_BUDGET // T, len(order) - start))
         batch = order[start:start + B]
         start += B
         tokens = torch.zeros(B, T, dtype=torch.long)
+        spans = []  # (row, first position, n) of the predictions each input needs
         for r, inp in enumerate(batch):
             tokens[r, :len(inp)] = torch.tensor(inp)
-        logits, _ = model(tokens.to(device), use_cache=False)
-        for r, inp in enumerate(batch):
+            n = max(len(conts[i]) for i in inputs[inp])
+            spans.append((r, len(inp) - n, n))
+        logits = _logits_at(model, tokens.to(device), spans)  # (sum of n, V), in span order
+        offset = 0
+        for (r, first, n), inp in zip(spans, batch):
             for i in inputs[inp]:
                 cont = torch.tensor(conts[i], device=device)
-                lp = logits[r, len(inp) - len(cont):len(inp)].float().log_softmax(-1)
+                lp = logits[offset + n - len(cont):offset + n].float().log_softmax(-1)
                 ll = float(lp.gather(-1, cont[:, None]).double().sum())
                 results[i] = (ll, bool((lp.argmax(-1) == cont).all()))
+            offset += n
             bar.update(len(inputs[inp]))
     bar.close()
     return results
+
+
+def _logits_at(model: Transformer, tokens: torch.Tensor, spans: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    """Logits of a plain full forward at the positions `spans` = [(row, first, n)] only, as
+    (sum of n, V): a pre-hook hands lm_head just those hidden states, so an MMLU prompt of 700
+    tokens costs one row of logits, not 700."""
+    rows = torch.cat([torch.full((n,), r) for r, _, n in spans]).to(tokens.device)
+    cols = torch.cat([torch.arange(f, f + n) for _, f, n in spans]).to(tokens.device)
+
+    def select(module: torch.nn.Module, args: tuple) -> tuple:
+        return (args[0][rows, cols][None],)
+
+    handle = model.lm_head.register_forward_pre_hook(select)
+    try:
+        logits, _ = model(tokens, use_cache=False)
+    finally:
+        handle.remove()
+    return logits[0]
 
 
 def loglikelihood(model: Transformer, tokenizer: "Tokenizer", pairs: Sequence[tuple[str, str]],
