@@ -180,7 +180,7 @@ class ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mistral_torch.cli", "serve", "--model", str(folder), "--port", str(self.port),
-             "--model-name", "tiny-test", "--threads", "1", *args],
+             "--model-name", "tiny-test", "--threads", "1", "--shutdown-timeout", "5", *args],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + startup_timeout
         while True:
@@ -429,14 +429,16 @@ def test_full_queue_gets_429_at_once_and_queued_clients_can_leave(server, client
         conn.request("POST", "/v1/completions", body,
                      {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
         conns.append(conn)
-    assert all(c.getresponse().status == 200 for c in conns)
-    h = server.health()
-    assert (h["running"], h["waiting"]) == (4, 6)
-    t0 = time.monotonic()
-    status, err = post(server.url + "/v1/completions", {"prompt": "one more", "max_tokens": 2})
-    assert status == 429 and err["error"]["code"] == "server_busy" and time.monotonic() - t0 < 5
-    for c in conns:
-        c.close()
+    try:
+        assert all(c.getresponse().status == 200 for c in conns)
+        h = server.health()
+        assert (h["running"], h["waiting"]) == (4, 6)
+        t0 = time.monotonic()
+        status, err = post(server.url + "/v1/completions", {"prompt": "one more", "max_tokens": 2})
+        assert status == 429 and err["error"]["code"] == "server_busy" and time.monotonic() - t0 < 5
+    finally:
+        for c in conns:
+            c.close()
     t0 = time.monotonic()
     while sum(server.health()[k] for k in ("running", "waiting")) and time.monotonic() - t0 < 10:
         time.sleep(0.02)

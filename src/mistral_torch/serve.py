@@ -233,6 +233,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.rows: list[_Row] = []
+        self._admitting: list[Job] = []  # taken from the queue, being prefilled (not yet rows)
         self._cache: RollingKVCache | None = None
         self._last: torch.Tensor | None = None  # (rows,) last token of each row
         self._anchor = tokenizer.encode("a", bos=False)[-1:]  # decoded before a token to keep its leading space
@@ -246,10 +247,10 @@ class Engine:
             if self._stopping:
                 raise ServerBusy("the server is shutting down", 503)
             self._pending = deque(j for j in self._pending if not j.cancelled)
-            running = sum(not r.finished and not r.job.cancelled for r in self.rows)
+            running = self._running()
             waiting = len(self._pending) + len(jobs) - (self.max_batch_size - running)  # jobs left without a row
             if waiting > self.max_queue:
-                raise ServerBusy(f"server busy: {len(self.rows)} requests running and {len(self._pending)} "
+                raise ServerBusy(f"server busy: {running} requests running and {len(self._pending)} "
                                  f"waiting (max batch size {self.max_batch_size}, queue {self.max_queue}); "
                                  "retry later", 429)
             self._pending.extend(jobs)
@@ -257,13 +258,17 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self.rows and not self._pending
+        return not self.rows and not self._pending and not self._admitting
+
+    def _running(self) -> int:
+        """Rows in use (call with the lock held): running rows, and jobs being admitted."""
+        return (sum(not r.finished and not r.job.cancelled for r in self.rows)
+                + sum(not j.cancelled for j in self._admitting))
 
     def counts(self) -> tuple[int, int]:
         """(running rows, waiting jobs)."""
         with self._cond:
-            running = sum(not r.finished and not r.job.cancelled for r in self.rows)
-            return running, sum(not j.cancelled for j in self._pending)
+            return self._running(), sum(not j.cancelled for j in self._pending)
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._run, name="mistral-torch-engine", daemon=True)
@@ -295,8 +300,9 @@ class Engine:
 
     def _fail_all(self, message: str, status: int) -> None:
         with self._cond:
-            jobs = [r.job for r in self.rows if not r.finished] + list(self._pending)
+            jobs = [r.job for r in self.rows if not r.finished] + self._admitting + list(self._pending)
             self._pending.clear()
+            self._admitting = []
             self.rows, self._cache, self._last = [], None, None
         for job in jobs:
             job.emit(Failed(job.index, message, status))
@@ -311,6 +317,7 @@ class Engine:
                     job = self._pending.popleft()
                     if not job.cancelled:
                         new.append(job)
+                self._admitting = new
             if self.rows:
                 logits, self._cache = self.model(self._last[:, None], cache=self._cache)
                 self._last = self._sample_and_emit(self.rows, logits[:, -1])
@@ -357,6 +364,7 @@ class Engine:
                 _append_rows(self._cache, cache)
                 self._last = torch.cat([self._last, first])
             self.rows = self.rows + rows
+            self._admitting = []
 
     def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """Next token of every row (B,) from last-position logits (B, V); emit their events."""
