@@ -806,8 +806,49 @@ def _export_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- translate
+def add_translate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("translate", help="translate sentences with the shipped translator (or any model "
+                                         "trained on the translate-* templates)",
+                       description="Translate TEXT, or every line of --file / stdin (one translation per "
+                                   "line, in order, batched).")
+    p.add_argument("text", nargs="?", default=None, help="sentence to translate (default: lines of stdin)")
+    p.add_argument("--to", choices=["fr", "en"], default="fr", help="target language (default: fr)")
+    p.add_argument("--file", default=None, metavar="FILE", help="one sentence per line ('-': stdin)")
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default: 32)")
+    add_generation_flags(p, max_new_tokens=96)
+    p.set_defaults(func=_translate)
+
+
+def _translate(args: argparse.Namespace) -> int:
+    import time
+
+    from .translate import iter_translations
+
+    if args.text is not None and args.file is not None:
+        raise ValueError("give either TEXT or --file, not both")
+    if args.text is not None:
+        sentences = [args.text]
+    else:
+        stream = sys.stdin if args.file in (None, "-") else open(args.file, encoding="utf-8")
+        with stream:
+            sentences = [line.rstrip("\n") for line in stream if line.strip()]
+        if not sentences:
+            raise ValueError("nothing to translate: the input has no non-empty lines")
+    model, tokenizer, config = _load_for_generation(args)
+    options = {k: v for k, v in vars(config).items() if k not in ("max_new_tokens", "stop")}
+    t0 = time.perf_counter()
+    for line in iter_translations(model, tokenizer, sentences, to=args.to, batch_size=args.batch_size,
+                                  max_new_tokens=args.max_new_tokens, stop=config.stop, **options):
+        print(line, flush=True)
+    if not args.quiet:
+        dt = time.perf_counter() - t0
+        print(f"[{len(sentences)} sentence(s) in {dt:.2f} s]", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_chat, add_convert, add_serve, add_evaluate, add_merge_lora, add_pretrain, add_finetune, add_export_run]  # add_<name> functions, in help order
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_chat, add_translate, add_convert, add_serve, add_evaluate, add_merge_lora, add_pretrain, add_finetune, add_export_run]  # add_<name> functions, in help order
 
 
 def build_parser() -> argparse.ArgumentParser:
