@@ -180,7 +180,7 @@ class ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mistral_torch.cli", "serve", "--model", str(folder), "--port", str(self.port),
-             "--model-name", "tiny-test", "--threads", "1", "--shutdown-timeout", "5", *args],
+             "--model-name", "tiny-test", "--threads", "1", "--shutdown-timeout", "20", *args],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + startup_timeout
         while True:
