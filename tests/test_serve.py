@@ -323,6 +323,20 @@ def test_stop_strings_seed_and_logprobs(client):
     assert len(content) == 3 and all(len(c.top_logprobs) == 3 for c in content)
 
 
+def test_several_prompts_in_one_completion_request(client):
+    prompts = ["First prompt", "A second, longer prompt than the first"]
+    alone = [client.completions.create(model="tiny-test", prompt=p, max_tokens=5, temperature=0) for p in prompts]
+    r = client.completions.create(model="tiny-test", prompt=prompts, max_tokens=5, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == [a.choices[0].text for a in alone]
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone) and r.usage.completion_tokens == 10
+    pieces = ["", ""]
+    for chunk in client.completions.create(model="tiny-test", prompt=prompts, max_tokens=5, temperature=0, stream=True):
+        for c in chunk.choices:
+            pieces[c.index] += c.text
+    assert pieces == [c.text for c in r.choices]
+
+
 def test_auth_failure(server):
     import openai
 
