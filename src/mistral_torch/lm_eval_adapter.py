@@ -46,6 +46,17 @@ def _bool(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in _TRUE
 
 
+def _device(requested: str | None) -> str:
+    """lm-eval passes device="cuda" by default; fall back to the CPU when there is no GPU."""
+    if requested and not str(requested).startswith("cuda"):
+        return str(requested)
+    if torch.cuda.is_available():
+        return str(requested or "cuda")
+    if requested:
+        log.warning("mistral-torch: device %s is not available, using the CPU", requested)
+    return "cpu"
+
+
 @register_model("mistral-torch", "mistral_torch")
 class MistralTorchLM(LM):
     """lm-eval `LM` over a mistral-torch model.
@@ -68,7 +79,7 @@ class MistralTorchLM(LM):
         if model is None:
             from .checkpoint import load_model
 
-            model = load_model(pretrained, dtype=dtype, device=device or "cpu")
+            model = load_model(pretrained, dtype=dtype, device=_device(device))
         self.model = model.eval()
         if isinstance(tokenizer, Tokenizer):
             self.tokenizer = tokenizer
