@@ -847,8 +847,50 @@ def _translate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- quantize
+def add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a checkpoint's weights (int8, int4, nf4)",
+                       description="Read SRC (a float checkpoint folder or shipped model name) tensor by tensor, "
+                                   "quantize every linear layer (and the token embedding) as it arrives, and write "
+                                   "a safetensors checkpoint to DST whose config.json records the quantization; "
+                                   "load_model and every command load it as quantized.")
+    p.add_argument("src", metavar="SRC", help="checkpoint folder or shipped model name")
+    p.add_argument("dst", metavar="DST", help="folder to write (must not exist unless --force)")
+    p.add_argument("--method", required=True, choices=["int8", "int4", "nf4"],
+                   help="int8: per-output-channel; int4: group-wise with scales and zeros; nf4: QLoRA's NF4 "
+                        "with double-quantized block constants")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size: 32, 64, 128 or 256 (default: 32)")
+    p.add_argument("--keep-embeddings", action="store_true",
+                   help="leave the token embedding in floating point (default: quantize it too)")
+    p.add_argument("--dtype", default=None, help="dtype of the unquantized rest: fp32, bf16 or fp16 (default: keep)")
+    p.add_argument("--max-shard-size", default="5GB", help="shard size limit (default: 5GB)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_quantize)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import resolve_model_path, tokenizer_files
+    from .quantize import load_and_quantize, save_quantized, weight_bytes
+
+    src = resolve_model_path(args.src)
+    model = load_and_quantize(src, args.method, args.group_size, embeddings=not args.keep_embeddings,
+                              dtype=args.dtype)
+    folder = src if src.is_dir() else src.parent
+    try:
+        save_quantized(model, args.dst, max_shard_size=args.max_shard_size, overwrite=args.force,
+                       extra_files=tokenizer_files(folder))
+    except FileExistsError as exc:
+        raise ValueError(str(exc)) from None
+    q = model.quantization
+    group = f", group size {q['group_size']}" if q["method"] == "int4" else ""
+    print(f"wrote {args.dst} ({q['method']}{group}, {weight_bytes(model) / 2**20:.1f} MiB of weights, "
+          f"{model.args.n_params:,} parameters)")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_chat, add_translate, add_convert, add_serve, add_evaluate, add_merge_lora, add_pretrain, add_finetune, add_export_run]  # add_<name> functions, in help order
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_chat, add_translate, add_convert, add_serve, add_evaluate, add_merge_lora, add_pretrain, add_finetune, add_export_run, add_quantize]  # add_<name> functions, in help order
 
 
 def build_parser() -> argparse.ArgumentParser:
