@@ -787,6 +787,7 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
@@ -802,7 +803,10 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    ax.set_title(f"{out_png.parent.name}: {len(rows)} steps, {rows[-1].get('tokens', 0):,} tokens", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
