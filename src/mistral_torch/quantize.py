@@ -90,16 +90,16 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
         items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
                     else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
         bounds = torch.linspace(0.1, 1, items)
-        means = ((bounds[:-1] + bounds[1:]) / 2.0).tolist()
-        data += [(10 ** (-(max_exponent_bits - 1) + i)) * m for m in means]
+        means = (bounds[:-1] + bounds[1:]) / 2.0  # fp32 tensor math, as bitsandbytes does
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
         if signed:
-            data += [-(10 ** (-(max_exponent_bits - 1) + i)) * m for m in means]
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
     if additional_items > 0:
         bounds = torch.linspace(0.1, 1, additional_items + 1)
-        means = ((bounds[:-1] + bounds[1:]) / 2.0).tolist()
-        data += [(10 ** (-(max_exponent_bits - 1) + i)) * m for m in means]
+        means = (bounds[:-1] + bounds[1:]) / 2.0  # fp32 tensor math, as bitsandbytes does
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
         if signed:
-            data += [-(10 ** (-(max_exponent_bits - 1) + i)) * m for m in means]
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
     data += [0.0, 1.0]
     data += [0.0] * (2 ** total_bits - len(data))
     return torch.tensor(sorted(data), dtype=torch.float32)
