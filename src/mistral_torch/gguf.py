@@ -386,6 +386,19 @@ def _open_reader(path: Path):
     gguf = _gguf()
 
     class _Reader(gguf.GGUFReader):
+        _itemsize: dict = {}
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            # As GGUFReader._get, on a plain ndarray view of the mapping: slicing a np.memmap costs
+            # ~20 us, and a 32000-token vocabulary takes ~100,000 slices (5-10 s -> under 1 s).
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+            size = self._itemsize.get(dtype) or self._itemsize.setdefault(dtype, np.dtype(dtype).itemsize)
+            count = int(count)
+            arr = plain[offset:offset + size * count].view(dtype=dtype)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
         def _build_tensors(self, start_offs, fields):  # check bounds and types before numpy does
             size = len(self.data)
             for field in fields:
@@ -554,6 +567,10 @@ class GGUFFile:
         spec_b64 = self.get(SPEC_KEY)
         if spec_b64:
             spec = base64.b64decode(spec_b64)
+            n_orig = SentencePieceModel([], [], [], spec).trainer.get(4, n)
+            if n_orig < n and all(p == f"[PAD{i}]" for i, p in enumerate(pieces[n_orig:], n_orig)):
+                n = n_orig  # drop the padding tokens save_gguf added for padded embeddings
+                pieces, scores, types = pieces[:n], scores[:n], types[:n]
         else:
             ids = {name: int(self.get(f"tokenizer.ggml.{key}", default))
                    for name, key, default in (("unk", "unknown_token_id", 0), ("bos", "bos_token_id", 1),
@@ -587,11 +604,15 @@ def _default_dtype(f: GGUFFile) -> torch.dtype:
 
 
 def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
-              device: str | torch.device = "cpu") -> Transformer:
+              device: str | torch.device = "cpu", keep_quantized: bool = False) -> Transformer:
     """A `Transformer` (eval mode) from a GGUF file of a Mistral/Llama-architecture model.
 
     dtype: target dtype; None keeps F32/F16/BF16 weights as stored and dequantizes quantized ones
-           (Q8_0, Q4_0, K-quants, ...) to float32. Tensors are read one at a time from the mapped file.
+           (Q8_0, Q4_0, K-quants, ...) to float32. Tensors are read one at a time from the file.
+    keep_quantized: Q4_0 matrices become `quantize.Int4Linear` / `Int4Embedding` (group size 32,
+           zero 0) holding the file's 4-bit codes; the scales become bf16 (the file's are fp16),
+           so weights move by at most 1/256 of each block's largest magnitude. Q8_0 has one scale
+           per 32 values where `Int8Linear` has one per row, so Q8_0 is dequantized either way.
     """
     from .checkpoint import native_to_hf, parse_dtype
 
@@ -614,12 +635,18 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
         raise GGUFFormatError(f"{f.path}: missing tensor(s): {', '.join(missing[:6])}")
     for name in f.tensors:
         key = hf_name(name)
-        value = f.tensor(name)
-        if tuple(value.shape) != expected[key]:
-            raise GGUFFormatError(f"{f.path}: tensor {name!r} has shape {tuple(value.shape)}, the metadata "
-                                  f"implies {expected[key]}")
-        value = value.to(device=device, dtype=target)
+        shape = tuple(int(d) for d in reversed(f.tensors[name].shape.tolist()))
+        if shape != expected[key]:
+            raise GGUFFormatError(f"{f.path}: tensor {name!r} has shape {shape}, the metadata implies "
+                                  f"{expected[key]} (the file's metadata disagrees with its tensors?)")
         heads = _rope_heads(key, args)
+        if keep_quantized and f.type_name(name) == "Q4_0" and not (args.tie_embeddings and "embed" in key):
+            raw = f.raw(name)
+            if heads is not None:
+                raw = native_to_hf(raw, heads)  # whole rows move: the blocks stay intact
+            _set_int4(model, key.removesuffix(".weight"), raw, shape, target, device)
+            continue
+        value = f.tensor(name).to(device=device, dtype=target)
         if heads is not None:
             value = native_to_hf(value, heads)
         _set_param(model, key, value.contiguous())
@@ -628,12 +655,29 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
     return model.eval()
 
 
-def sentencepiece_bytes(path: str | Path) -> bytes:
+def _set_int4(model: Transformer, module_name: str, raw: torch.Tensor, shape: tuple[int, int],
+              dtype: torch.dtype, device: str | torch.device) -> None:
+    """Q4_0 rows -> an Int4Linear (Int4Embedding for the embeddings): code q, scale d, zero 0."""
+    from .quantize import Int4Embedding, Int4Linear, pack_nibbles
+
+    rows, cols = shape
+    d, q = q4_0_parts(raw, cols)
+    cls = Int4Embedding if module_name.endswith("embed_tokens") else Int4Linear
+    kw = {"use_kernel": False} if cls is Int4Embedding else {}
+    m = cls(cols, rows, group_size=QK, dtype=dtype, device=device, **kw)
+    m.set_quantized(pack_nibbles(q).to(device), d.to(device=device, dtype=torch.bfloat16),
+                    torch.zeros(rows, cols // QK, dtype=torch.bfloat16, device=device))
+    parent, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent), child, m)
+
+
+def sentencepiece_bytes(path: str | Path | GGUFFile) -> bytes:
     """The serialized SentencePiece model (`tokenizer.model` contents) embedded in a GGUF file."""
-    return GGUFFile(path).sentencepiece_model().serialize()
+    f = path if isinstance(path, GGUFFile) else GGUFFile(path)
+    return f.sentencepiece_model().serialize()
 
 
-def load_gguf_tokenizer(path: str | Path):
+def load_gguf_tokenizer(path: str | Path | GGUFFile):
     """Our `Tokenizer` for a GGUF file, rebuilt from its embedded SentencePiece vocabulary."""
     from .tokenizer import Tokenizer
 
@@ -644,7 +688,8 @@ def load_gguf_tokenizer(path: str | Path):
         try:
             return Tokenizer.from_file(file)
         except ValueError as exc:
-            raise GGUFFormatError(f"{path}: the embedded vocabulary is not a valid SentencePiece model ({exc})") from None
+            raise GGUFFormatError(f"{getattr(path, 'path', path)}: the embedded vocabulary is not a valid "
+                                  f"SentencePiece model ({exc})") from None
 
 
 # ---------------------------------------------------------------- write
@@ -801,6 +846,8 @@ def save_gguf(model: Transformer, path: str | Path, outtype: str | None = None, 
             w.add_sliding_window(args.sliding_window)  # recorded; llama.cpp's "llama" arch ignores it
         if sp is not None:
             _add_tokenizer(w, sp, args.vocab_size, chat_template)
+        else:
+            w.add_tokenizer_model("none")  # llama.cpp then runs on token ids alone
 
         # Header and tensor infos first, then each tensor converted and written on its own.
         plan = []
