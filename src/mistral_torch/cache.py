@@ -6,11 +6,17 @@ however long the generation runs. Each slot remembers the absolute position it h
 `attention_mask`, for prefill, chunked prefill, ragged batches and decode alike.
 
 Keys are stored after RoPE, so a slot never needs re-rotating when the buffer wraps.
+
+The buffers are allocated lazily: they grow (in steps of at least `GROW` slots, doubling) up to the
+capacity as positions arrive, so a short prompt does not pay for a 4096-slot window up front.
+Nothing wraps before the buffers reach the full capacity, so growing never moves a slot.
 """
 
 from __future__ import annotations
 
 import torch
+
+GROW = 256  # smallest buffer growth step, in slots
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -28,10 +34,16 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     return mask | (qp < 0)
 
 
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean `mask` as an additive bias (0 / -inf) in `dtype`, built once per forward so
+    that no layer converts it again inside `scaled_dot_product_attention`."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class RollingKVCache:
     """Rolling-buffer key/value cache for all layers of one batch of sequences.
 
-    k[i], v[i]: (B, n_kv_heads, capacity, head_dim) for layer i.
+    k[i], v[i]: (B, n_kv_heads, allocated, head_dim) for layer i (allocated grows to capacity).
     slot_pos:   (B, capacity) absolute position held by each slot, -1 when empty.
     next_pos:   (B,) position the next token of each row will take.
     """
@@ -43,7 +55,7 @@ class RollingKVCache:
             raise ValueError(f"cache capacity and batch size must be positive, got {capacity} and {batch_size}")
         if window is not None and capacity < window:
             raise ValueError(f"cache capacity {capacity} is smaller than the sliding window {window}")
-        shape = (batch_size, n_kv_heads, capacity, head_dim)
+        shape = (batch_size, n_kv_heads, min(capacity, GROW), head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slot_pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
@@ -59,6 +71,19 @@ class RollingKVCache:
     def nbytes(self) -> int:
         """Bytes held by the key/value buffers and slot positions."""
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, self.slot_pos))
+
+    @property
+    def allocated(self) -> int:
+        return self.k[0].shape[2]
+
+    def reserve(self, n: int) -> None:
+        """Grow the buffers to hold at least `n` slots (doubling, capped at the capacity)."""
+        n = min(n, self.capacity)
+        if n <= self.allocated:
+            return
+        n = min(self.capacity, max(-(-n // GROW) * GROW, 2 * self.allocated))
+        grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], n - t.shape[2], t.shape[3])], dim=2)
+        self.k, self.v = [grow(t) for t in self.k], [grow(t) for t in self.v]
 
     def reset(self) -> None:
         self.slot_pos.fill_(-1)
@@ -81,6 +106,7 @@ class RollingKVCache:
                 f"sequence of {new_length} tokens exceeds the cache capacity of {self.capacity} "
                 "(the model has no sliding window, so the cache must hold every position)"
             )
+        self.reserve(new_length)
         index = self._write_index(q_pos)
         if T == 1 or not wraps:
             used = min(new_length, self.capacity)
@@ -127,14 +153,15 @@ class CacheStep:
                  used: int) -> None:
         self.cache, self.q_pos, self.k_pos, self.index = cache, q_pos, k_pos, index
         self.write_first, self.used = write_first, used
-        self.mask = attention_mask(q_pos, k_pos, cache.window)
+        self.mask = attention_bias(attention_mask(q_pos, k_pos, cache.window), cache.k[0].dtype)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values (B, n_kv_heads, S, head_dim) this chunk attends to, matching `k_pos`."""
         c = self.cache
         if self.write_first:
             c.write(layer, k, v, self.index)
-            return c.k[layer][:, :, : self.used], c.v[layer][:, :, : self.used]
+            used = self.mask.shape[-1]  # == self.used; read from the mask so a compiled step need not specialise on it
+            return c.k[layer][:, :, :used], c.v[layer][:, :, :used]
         if self.used == 0:
             c.write(layer, k, v, self.index)
             return k, v

@@ -1,0 +1,132 @@
+"""Long generation: decode speed at position ~100 vs ~16k with a 4096-token sliding window, and
+memory along the way (flat once the window is full).
+
+    python benchmarks/bench_long.py                      # bench-125m, fp32, positions 100 and 16384
+    python benchmarks/bench_long.py --dtype bf16 --compile
+    python benchmarks/bench_long.py --decode-all         # really decode every token up to 16k (slow)
+
+By default the sequence reaches 16k through chunked prefill (O(n·W), the window's chunks) and
+then decodes; `--decode-all` decodes one token at a time from position 100 instead, recording
+tokens/s every 1024 positions. Short and long caches then decode in alternating bursts, medians
+reported. Memory: resident set (RSS) and cache bytes at each checkpoint on the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from mistral_torch import ModelArgs  # noqa: E402
+
+
+def rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def burst(model, tok: torch.Tensor, cache, n: int) -> tuple[float, torch.Tensor]:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        logits, cache = model(tok, cache=cache)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+    return n / (time.perf_counter() - t0), tok
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    threads = common.threads_from_env(args.threads)
+    a = ModelArgs.from_name(args.preset)
+    a.sliding_window = args.window
+    model = common.make_model(a, common.DTYPES[args.dtype])
+    if args.compile:
+        model.compile_decode()
+    g = torch.Generator().manual_seed(0)
+    memory: list[dict[str, Any]] = []
+    rates: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        short_prompt = torch.randint(3, a.vocab_size, (1, args.short), generator=g)
+        logits, short = model(short_prompt, last_logits_only=True)
+        tok_s = logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        burst(model, tok_s, short, 4)  # warm-up (compiles with --compile)
+        warmup = time.perf_counter() - t0
+        long = model.new_cache(1)
+        pos = 0
+        if args.decode_all:
+            logits, long = model(short_prompt, cache=long, last_logits_only=True)
+            tok_l, pos = logits[:, -1].argmax(-1, keepdim=True), args.short
+            while pos < args.long:
+                n = min(1024, args.long - pos)
+                rate, tok_l = burst(model, tok_l, long, n)
+                pos += n
+                gc.collect()
+                rates.append(dict(position=pos, tok_s=rate))
+                memory.append(dict(position=pos, rss_MB=rss() / 2**20, cache_MB=long.nbytes() / 2**20))
+                print(f"  position {pos}: {rate:.1f} tok/s, RSS {rss() / 2**20:.0f} MB", file=sys.stderr, flush=True)
+        else:
+            step = args.window // 2
+            while pos < args.long:
+                n = min(step, args.long - pos)
+                chunk = torch.randint(3, a.vocab_size, (1, n), generator=g)
+                logits, long = model(chunk, cache=long, last_logits_only=True)
+                pos += n
+                gc.collect()
+                memory.append(dict(position=pos, rss_MB=rss() / 2**20, cache_MB=long.nbytes() / 2**20))
+                print(f"  prefilled to {pos}: RSS {rss() / 2**20:.0f} MB, cache {long.nbytes() / 2**20:.0f} MB",
+                      file=sys.stderr, flush=True)
+            tok_l = logits[:, -1].argmax(-1, keepdim=True)
+        near, far = [], []
+        for _ in range(args.repeats):
+            r, tok_s = burst(model, tok_s, short, args.burst)
+            near.append(r)
+            r, tok_l = burst(model, tok_l, long, args.burst)
+            far.append(r)
+    result = {
+        "machine": common.machine(), "config": vars(args).copy(), "threads": threads,
+        "compile_warmup_s": warmup if args.compile else None,
+        "tok_s_near": statistics.median(near), "tok_s_far": statistics.median(far),
+        "position_near": int(short.next_pos[0]), "position_far": int(long.next_pos[0]),
+        "memory": memory, "rates": rates, "peak_rss_MB": common.peak_rss() / 2**20,
+    }
+    result["ratio_far_near"] = result["tok_s_far"] / result["tok_s_near"]
+    after = [m["rss_MB"] for m in memory if m["position"] >= args.window]
+    result["rss_growth_after_window_MB"] = max(after) - min(after) if after else None
+    rows = [dict(position=f"~{result['position_near']}", tok_s=result["tok_s_near"]),
+            dict(position=f"~{result['position_far']}", tok_s=result["tok_s_far"])]
+    print(common.table(rows, [("position", "position", "s"), ("tok_s", f"decode tok/s ({args.dtype})", ".1f")]))
+    print(f"ratio far/near: {result['ratio_far_near']:.2f}; RSS growth after the window: "
+          f"{result['rss_growth_after_window_MB']:.0f} MB; cache {memory[-1]['cache_MB']:.0f} MB")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="bench-125m")
+    p.add_argument("--dtype", default="fp32", choices=sorted(common.DTYPES))
+    p.add_argument("--window", type=int, default=4096)
+    p.add_argument("--short", type=int, default=100, help="position of the near measurement")
+    p.add_argument("--long", type=int, default=16384, help="position of the far measurement")
+    p.add_argument("--burst", type=int, default=32, help="tokens per timed burst")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="compile the decode step")
+    p.add_argument("--decode-all", action="store_true", help="decode every position (slow) instead of prefilling")
+    p.add_argument("--out", default="benchmarks/results/long.json")
+    args = p.parse_args(argv)
+    common.write_json(args.out, run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
