@@ -48,7 +48,9 @@ def test_inductor_compiled_decode_far_past_the_window():
     counters.clear()
     fast, _ = decode(model, tokens, 3)
     assert (fast - plain).abs().max() <= TOL
-    assert counters["stats"]["unique_graphs"] <= 2  # one graph (at most a retrace for the dynamic length)
+    # The first length, then one graph for every length, then the full buffer (which the
+    # compiler specialises as contiguous): not one compilation per position.
+    assert counters["stats"]["unique_graphs"] <= 3
 
 
 def test_compiled_generation_equals_plain_with_ragged_batch():

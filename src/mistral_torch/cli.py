@@ -889,8 +889,52 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="decode and prefill speed of a checkpoint (vs transformers, llama.cpp)",
+                       description="Run benchmarks/bench_decode.py and bench_prefill.py (from a source "
+                                   "checkout) on --model, or on random weights of --preset.")
+    p.add_argument("--model", default=None, help="checkpoint folder or shipped model name (default: --preset)")
+    p.add_argument("--preset", default="bench-125m", help="random-weights shape when no --model (default: bench-125m)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16 (default: fp32,bf16)")
+    p.add_argument("--batches", default="1", help="decode batch sizes, comma list (default: 1)")
+    p.add_argument("--prompt", type=int, default=64, help="decode prompt tokens (default: 64)")
+    p.add_argument("--new", type=int, default=128, help="new tokens (default: 128)")
+    p.add_argument("--prefill", type=int, default=512, help="prefill benchmark prompt tokens; 0 skips it")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="also the compiled decode step (CPU: ~1 min warm-up)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    p.add_argument("--out", default="bench-results", help="folder for decode.json / prefill.json")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not (folder / "bench_decode.py").is_file():
+        raise FileNotFoundError(f"the benchmarks are not installed with the package; expected {folder} "
+                                "(run from a source checkout: pip install -e .)")
+    sys.path.insert(0, str(folder))
+    common = [f"--preset={args.preset}", f"--dtypes={args.dtypes}", f"--repeats={args.repeats}",
+              f"--device={args.device}", *([f"--model={args.model}"] if args.model else []),
+              *([f"--threads={args.threads}"] if args.threads else []),
+              *(["--no-hf"] if args.no_hf else []), *(["--no-llama"] if args.no_llama else [])]
+    importlib.import_module("bench_decode").main(
+        [*common, f"--batches={args.batches}", f"--prompt={args.prompt}", f"--new={args.new}",
+         f"--out={Path(args.out) / 'decode.json'}", *([] if args.compile else ["--no-compile"])])
+    if args.prefill > 0:
+        importlib.import_module("bench_prefill").main(
+            [*common, f"--prompt={args.prefill}", f"--out={Path(args.out) / 'prefill.json'}"])
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_chat, add_translate, add_convert, add_serve, add_evaluate, add_merge_lora, add_pretrain, add_finetune, add_export_run, add_quantize]  # add_<name> functions, in help order
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_chat, add_translate, add_convert, add_serve, add_evaluate, add_merge_lora, add_pretrain, add_finetune, add_export_run, add_quantize, add_bench]  # add_<name> functions, in help order
 
 
 def build_parser() -> argparse.ArgumentParser:

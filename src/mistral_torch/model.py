@@ -220,7 +220,7 @@ class Transformer(nn.Module):
         """
         self._decode_mode = mode
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
-        self._decode_step = torch.compile(self._run, backend=backend, dynamic=False, **kwargs)
+        self._decode_step = torch.compile(self._run, backend=backend, **kwargs)
         return self
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: RollingKVCache) -> torch.Tensor:
@@ -229,7 +229,8 @@ class Transformer(nn.Module):
         cache.reserve(cache.capacity)  # fixed buffer shapes: no recompilation as the cache grows
         static = self._decode_mode == "reduce-overhead"
         step = cache.plan(positions, cache.capacity if static else new_length)
-        torch._dynamo.maybe_mark_dynamic(step.mask, -1)
+        if step.mask.shape[-1] > 1:  # the number of keys varies: one graph for every length
+            torch._dynamo.mark_dynamic(step.mask, -1)
         logits = self._decode_step(tokens, positions, step, False)
         cache.commit(step, new_length)
         return logits
