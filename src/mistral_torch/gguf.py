@@ -43,6 +43,7 @@ byte for byte; a GGUF from elsewhere gets a model rebuilt from the llama.cpp key
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import re
 import struct
@@ -452,43 +453,57 @@ class GGUFFile:
     def type_name(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
 
+    def _mapped(self, name: str) -> np.memmap:
+        """The tensor's bytes in a mapping of their own (copy-on-write, so torch may view them)."""
+        t = self.tensors[name]
+        return np.memmap(self.path, dtype=np.uint8, mode="c", offset=t.data_offset, shape=(t.n_bytes,))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape in our order, (rows, cols) for a matrix (GGUF lists dimensions reversed)."""
+        return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
+
     def raw(self, name: str) -> torch.Tensor:
         """A tensor's bytes (rows, bytes per row) as uint8, copied out of a short-lived mapping."""
-        t = self.tensors[name]
-        cols_bytes = t.n_bytes // max(1, int(np.prod(t.shape[1:])))
-        mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.data_offset, shape=(t.n_bytes,))
+        mm = self._mapped(name)
         try:
-            data = torch.from_numpy(np.array(mm))  # a copy: the mapping is released below
+            return torch.from_numpy(mm).reshape(int(np.prod(self.shape(name)[:-1])), -1).clone()
         finally:
             del mm
-        return data.reshape(-1, cols_bytes)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """A tensor dequantized to float32 (float16/bfloat16 kept as such), in our (rows, cols) order."""
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor in our (rows, cols) order as `dtype` (default: F16/BF16 as stored, everything
+        else float32). It is converted straight out of its own mapping, quantized types in chunks
+        of rows, so converting one tensor holds little more than its result."""
         gguf = _gguf()
-        t = self.tensors[name]
-        qtype, Q = t.tensor_type, gguf.GGMLQuantizationType
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # numpy order: (rows, cols)
-        cols = shape[-1]
-        raw = self.raw(name)
-        if qtype == Q.F32:
-            out = raw.view(torch.float32)
-        elif qtype == Q.F16:
-            out = raw.view(torch.float16)
-        elif qtype == Q.BF16:
-            out = raw.view(torch.bfloat16)
-        elif qtype == Q.Q8_0:
-            out = dequantize_q8_0(raw, cols)
-        elif qtype == Q.Q4_0:
-            out = dequantize_q4_0(raw, cols)
-        else:
-            try:
-                out = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), qtype))
-            except NotImplementedError:
-                raise GGUFFormatError(f"{self.path}: tensor {name!r} has type {qtype.name}, which cannot be "
-                                      "dequantized (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
-                                      "Q2_K..Q6_K and the IQ types the gguf package reads)") from None
-        return out.reshape(shape)
+        qtype, Q = self.tensors[name].tensor_type, gguf.GGMLQuantizationType
+        shape = self.shape(name)
+        rows, cols = int(np.prod(shape[:-1])), shape[-1]
+        floats = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+        mm = self._mapped(name)
+        try:
+            raw = torch.from_numpy(mm).reshape(rows, -1)
+            if qtype in floats:
+                return raw.view(floats[qtype]).to(dtype or floats[qtype], copy=True).reshape(shape)
+            if qtype == Q.Q8_0:
+                dequantize = functools.partial(dequantize_q8_0, cols=cols)
+            elif qtype == Q.Q4_0:
+                dequantize = functools.partial(dequantize_q4_0, cols=cols)
+            else:
+                def dequantize(chunk: torch.Tensor) -> torch.Tensor:
+                    return torch.from_numpy(gguf.quants.dequantize(chunk.numpy(), qtype))
+            out = torch.empty(rows, cols, dtype=dtype or torch.float32)
+            step = max(1, (1 << 20) // cols)  # about a million values at a time
+            for r in range(0, rows, step):
+                try:
+                    out[r:r + step] = dequantize(raw[r:r + step])
+                except NotImplementedError:
+                    raise GGUFFormatError(
+                        f"{self.path}: tensor {name!r} has type {qtype.name}, which cannot be dequantized "
+                        "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K and the IQ types "
+                        "the gguf package reads)") from None
+            return out.reshape(shape)
+        finally:
+            del raw, mm
 
     # -------------------------------------------------------------- model hyper-parameters
     def model_args(self) -> ModelArgs:
@@ -635,7 +650,7 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
         raise GGUFFormatError(f"{f.path}: missing tensor(s): {', '.join(missing[:6])}")
     for name in f.tensors:
         key = hf_name(name)
-        shape = tuple(int(d) for d in reversed(f.tensors[name].shape.tolist()))
+        shape = f.shape(name)
         if shape != expected[key]:
             raise GGUFFormatError(f"{f.path}: tensor {name!r} has shape {shape}, the metadata implies "
                                   f"{expected[key]} (the file's metadata disagrees with its tensors?)")
@@ -646,7 +661,7 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
                 raw = native_to_hf(raw, heads)  # whole rows move: the blocks stay intact
             _set_int4(model, key.removesuffix(".weight"), raw, shape, target, device)
             continue
-        value = f.tensor(name).to(device=device, dtype=target)
+        value = f.tensor(name, target).to(device)
         if heads is not None:
             value = native_to_hf(value, heads)
         _set_param(model, key, value.contiguous())
@@ -715,10 +730,14 @@ def _encode(tensor: torch.Tensor, kind: str) -> np.ndarray:
         return t.to(torch.float16).contiguous().numpy()
     if kind == "BF16":
         return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
-    if kind == "Q8_0":
-        return quantize_q8_0(t).numpy()
-    if kind == "Q4_0":
-        return quantize_q4_0(t).numpy()
+    if kind in ("Q8_0", "Q4_0"):
+        quantize = quantize_q8_0 if kind == "Q8_0" else quantize_q4_0
+        rows, cols = t.shape
+        out = torch.empty(rows, cols // QK * (2 + (QK if kind == "Q8_0" else QK // 2)), dtype=torch.uint8)
+        step = max(1, (1 << 20) // cols)  # about a million values at a time
+        for r in range(0, rows, step):
+            out[r:r + step] = quantize(t[r:r + step])
+        return out.numpy()
     raise ValueError(f"cannot write ggml type {kind}")
 
 
