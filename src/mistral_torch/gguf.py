@@ -437,6 +437,8 @@ class GGUFFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.reader = _open_reader(self.path)
+        if self.reader.byte_order != "I":
+            raise GGUFFormatError(f"{self.path} is a big-endian GGUF file; only little-endian files are supported")
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.arch = self.get("general.architecture")
 
