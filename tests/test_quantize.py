@@ -339,3 +339,16 @@ def test_unknown_quantization_in_config_is_refused(tmp_path):
     (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="int2"):
         load_model(tmp_path / "q")
+
+
+def test_chunked_quantization_equals_whole(monkeypatch):
+    """Large matrices are quantized in row chunks (bounded temporaries): same result."""
+    w = weights(8, 320, 160)
+    whole = (Q.quantize_int8(w), Q.quantize_int4(w, 32), Q.quantize_nf4(w))
+    chunks = Q._row_chunks
+    monkeypatch.setattr(Q, "_row_chunks", lambda n, k, m=1, max_elems=0: chunks(n, k, m, max_elems=1000))
+    assert len(list(Q._row_chunks(320, 160, 2))) > 10
+    parts = (Q.quantize_int8(w), Q.quantize_int4(w, 32), Q.quantize_nf4(w))
+    for a, b in zip(whole[:2], parts[:2]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(whole[2][k], parts[2][k]) for k in whole[2])

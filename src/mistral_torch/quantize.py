@@ -112,7 +112,7 @@ DYNAMIC_CODE = dynamic_map()
 def _nearest(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest entry of the sorted `code` (ties to the lower one, as argmin)."""
     mid = (code[1:] + code[:-1]) / 2
-    return torch.bucketize(values, mid.to(values.device), right=False).to(torch.uint8)
+    return torch.bucketize(values, mid.to(values.device), right=False, out_int32=True).to(torch.uint8)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -126,12 +126,25 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)
 
 
+def _row_chunks(n_rows: int, row_len: int, multiple: int = 1, max_elems: int = 1 << 20) -> Iterator[slice]:
+    """Row ranges of at most ~max_elems weights (a multiple of `multiple` rows), so quantizing a
+    large matrix never holds more than a few chunk-sized temporaries."""
+    step = max(multiple, max_elems // max(row_len, 1) // multiple * multiple)
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (q int8 (N, K), scales fp32 (N,)), |w - q*s| <= s/2."""
-    w = w.detach().float()
-    absmax = w.abs().amax(dim=1)
-    scales = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    N, K = w.shape
+    q = torch.empty(N, K, dtype=torch.int8, device=w.device)
+    scales = torch.empty(N, dtype=torch.float32, device=w.device)
+    for rows in _row_chunks(N, K):
+        c = w[rows].detach().float()
+        absmax = c.abs().amax(dim=1)
+        s = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+        q[rows] = torch.round(c / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scales[rows] = s
     return q, scales
 
 
@@ -147,12 +160,19 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     and zero, so |w - dequantized| <= scale/2 (up to bf16 rounding of the range's ends).
     """
     N, K = w.shape
-    g = w.detach().float().reshape(N, K // group_size, group_size)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scales = ((hi - lo) / 15).clamp_(min=1e-8).to(torch.bfloat16)
-    zeros = (lo + 8 * scales.float()).to(torch.bfloat16)
-    q = torch.round((g - zeros.float()[..., None]) / scales.float()[..., None]) + 8
-    return q.clamp_(0, 15).to(torch.uint8).reshape(N, K), scales, zeros
+    G = K // group_size
+    codes = torch.empty(N, K, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(N, G, dtype=torch.bfloat16, device=w.device)
+    zeros = torch.empty(N, G, dtype=torch.bfloat16, device=w.device)
+    for rows in _row_chunks(N, K):
+        g = w[rows].detach().float().reshape(-1, G, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        s = ((hi - lo) / 15).clamp_(min=1e-8).to(torch.bfloat16)
+        z = (lo + 8 * s.float()).to(torch.bfloat16)
+        q = torch.round((g - z.float()[..., None]) / s.float()[..., None]).add_(8)
+        codes[rows] = q.clamp_(0, 15).to(torch.uint8).reshape(-1, K)
+        scales[rows], zeros[rows] = s, z
+    return codes, scales, zeros
 
 
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -183,14 +203,19 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = NF4_BLOCK) -> dict[str, torch
     (ceil(blocks/256),), "absmax_offset": fp32 scalar}.
     """
     N, K = w.shape
-    flat = w.detach().float().reshape(-1, blocksize)
-    absmax = flat.abs().amax(dim=1)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    codes = _nearest((flat / safe[:, None]).clamp_(-1, 1), NF4_CODE)
+    packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(N * K // blocksize, dtype=torch.float32, device=w.device)
+    multiple = blocksize // math.gcd(K, blocksize)  # rows per chunk: whole blocks only
+    for rows in _row_chunks(N, K, multiple):
+        flat = w[rows].detach().float().reshape(-1, blocksize)
+        a = flat.abs().amax(dim=1)
+        safe = torch.where(a > 0, a, torch.ones_like(a))
+        codes = _nearest((flat / safe[:, None]).clamp_(-1, 1), NF4_CODE)
+        packed[rows] = pack_nibbles(codes.reshape(-1, K))
+        absmax[rows.start * K // blocksize:rows.stop * K // blocksize] = a
     offset = absmax.mean()
     qabsmax, absmax_scale = quantize_blockwise_8bit(absmax - offset, DYNAMIC_CODE, NF4_DQ_BLOCK)
-    return {"weight": pack_nibbles(codes.reshape(N, K)), "absmax": qabsmax,
-            "absmax_scale": absmax_scale, "absmax_offset": offset.reshape(())}
+    return {"weight": packed, "absmax": qabsmax, "absmax_scale": absmax_scale, "absmax_offset": offset.reshape(())}
 
 
 def nf4_absmax(absmax: torch.Tensor, absmax_scale: torch.Tensor, absmax_offset: torch.Tensor) -> torch.Tensor:
@@ -565,8 +590,11 @@ class Int4Linear(QuantizedLinear):
     def set_quantized(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
         """Set from the plain (file) form: weight (N, K/2) pairs, scales/zeros (N, K/g)."""
         self.layout = self._kernel_layout() if weight.device.type == "cpu" else None
-        if self.layout is not None:
-            weight = _pack_cpu_layout(unpack_nibbles(weight), *self.layout)
+        if self.layout is not None:  # repack in row chunks of whole kernel blocks (bounded temporaries)
+            plain, weight = weight, torch.empty_like(weight, dtype=torch.uint8)
+            for rows in _row_chunks(self.out_features, self.in_features, self.layout[0]):
+                weight[rows] = _pack_cpu_layout(unpack_nibbles(plain[rows]), *self.layout)
+            del plain
         self.weight = weight.to(torch.uint8).contiguous()
         self.scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
 
@@ -577,9 +605,12 @@ class Int4Linear(QuantizedLinear):
 
     def codes(self) -> torch.Tensor:
         """(N, K) uint8 codes 0..15, whatever the storage layout."""
-        if self.layout is not None:
-            return _unpack_cpu_layout(self.weight, *self.layout)
-        return unpack_nibbles(self.weight)
+        if self.layout is None:
+            return unpack_nibbles(self.weight)
+        codes = torch.empty(self.out_features, self.in_features, dtype=torch.uint8, device=self.weight.device)
+        for rows in _row_chunks(self.out_features, self.in_features, self.layout[0]):
+            codes[rows] = _unpack_cpu_layout(self.weight[rows], *self.layout)
+        return codes
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         for name, t in self.plain_state().items():
@@ -896,6 +927,21 @@ _PARTS = {"int8": ("weight", "scales"), "int4": ("weight", "scales", "zeros"),
           "nf4": ("weight", "absmax", "absmax_scale", "absmax_offset")}
 
 
+@functools.cache
+def _malloc_trim() -> Any | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps chunk-sized temporaries otherwise)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class _Assembler:
     """Fills a skeleton tensor by tensor: float parameters are set as they come, a quantized
     module once all its parts have arrived (so only one module's parts wait in memory)."""
@@ -930,17 +976,25 @@ class _Assembler:
     def add_quantized_from_float(self, module_name: str, weight: torch.Tensor) -> None:
         module = self.quantized[module_name]
         expected = (module.out_features, module.in_features)
-        if tuple(weight.shape) != expected:
+        if tuple(weight.shape) != expected:  # (also for a _FileMatrix)
             raise ValueError(f"shape mismatch for {module_name}.weight: expected {expected}, got {tuple(weight.shape)}")
-        w = weight.to(self.device, dtype=torch.float32)
+        # a tensor or a _FileMatrix: the quantizers read and convert it one row chunk at a time
+        w = weight.to(self.device) if isinstance(weight, torch.Tensor) else weight
         if module.method == "int8":
             module.set_quantized(*quantize_int8(w))
-        elif module.method == "int4":
-            codes, scales, zeros = quantize_int4(w, module.group_size)
-            module.set_quantized(pack_nibbles(codes), scales, zeros)
+        elif module.method == "int4":  # chunk by chunk straight to packed pairs: no (N, K) codes
+            N, K, g = module.out_features, module.in_features, module.group_size
+            packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
+            scales = torch.empty(N, K // g, dtype=torch.bfloat16, device=w.device)
+            zeros = torch.empty_like(scales)
+            for rows in _row_chunks(N, K):
+                codes, scales[rows], zeros[rows] = quantize_int4(w[rows], g)
+                packed[rows] = pack_nibbles(codes)
+            module.set_quantized(packed, scales, zeros)
         else:
             module.set_quantized(**quantize_nf4(w))
         self.done.add(module_name)
+        release_memory()
 
     @staticmethod
     def _check_parts(name: str, module: QuantizedLinear, parts: dict[str, torch.Tensor]) -> None:
@@ -992,6 +1046,37 @@ def _tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             with safe_open(file, framework="pt") as f:
                 t = f.get_tensor(key)
             yield key, t
+
+
+class _FileMatrix:
+    """A 2-D tensor left in its safetensors file, read a slice of rows at a time (`m[rows]`), so
+    quantizing it never holds the whole float matrix in memory."""
+
+    def __init__(self, file: Path, key: str) -> None:
+        from safetensors import safe_open
+
+        self.file, self.key, self.device = file, key, torch.device("cpu")
+        with safe_open(file, framework="pt") as f:
+            self.shape = torch.Size(f.get_slice(key).get_shape())
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.file, framework="pt") as f:
+            return f.get_slice(self.key)[rows].clone()
+
+    def load(self) -> torch.Tensor:
+        return self[0:self.shape[0]]
+
+
+def _entries(files: list[Path]) -> Iterator[tuple[str, Path]]:
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            keys = list(f.keys())
+        for key in keys:
+            yield key, file
 
 
 def load_quantized(folder: str | Path, config: dict[str, Any], args: ModelArgs, dtype: torch.dtype | None = None,
@@ -1058,36 +1143,37 @@ def load_and_quantize(path_or_name: str | Path | None, method: str, group_size: 
     model = _skeleton(args, method, group_size, embeddings, target or torch.float32, device)
     asm: _Assembler | None = None
     unexpected = []
-    for key, tensor in _tensors(files):
+    for key, file in _entries(files):
+        hf_key = key if fmt == "hf" else native_key_to_hf(key)
+        if hf_key is None:
+            if not key.endswith("rotary_emb.inv_freq"):
+                unexpected.append(key)
+            continue
         if target is None:
-            target = tensor.dtype if tensor.is_floating_point() else torch.float32
+            target = _FileMatrix(file, key)[0:1].dtype
+            target = target if target.is_floating_point else torch.float32
         if asm is None:
             for m in model.modules():
                 if isinstance(m, QuantizedLinear):
                     m.dtype = target
             asm = _Assembler(model, target, device)
-        hf_key = key if fmt == "hf" else native_key_to_hf(key)
-        if hf_key is None or key.endswith("rotary_emb.inv_freq"):
-            if hf_key is None and not key.endswith("rotary_emb.inv_freq"):
-                unexpected.append(key)
-            continue
+        module_name = hf_key.rpartition(".")[0]
+        source = _FileMatrix(file, key)
         if fmt == "native" and hf_key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = args.n_heads if ".q_proj." in hf_key else args.n_kv_heads
-            tensor = native_to_hf(tensor, heads)
-        module_name = hf_key.rpartition(".")[0]
+            source = native_to_hf(source.load(), heads)  # row permutation: read whole (attention-sized)
+        tied_head = args.tie_embeddings and hf_key == "model.embed_tokens.weight" and "lm_head" in asm.quantized
         if module_name in asm.quantized:
-            asm.add_quantized_from_float(module_name, tensor)
-            if args.tie_embeddings and module_name == "model.embed_tokens" and "lm_head" in asm.quantized:
-                asm.add_quantized_from_float("lm_head", tensor)
+            asm.add_quantized_from_float(module_name, source)
         elif hf_key in asm.floats:
-            asm.set_float(hf_key, tensor)
-            if args.tie_embeddings and hf_key == "model.embed_tokens.weight" and "lm_head" in asm.quantized:
-                asm.add_quantized_from_float("lm_head", tensor)
+            asm.set_float(hf_key, source.load() if isinstance(source, _FileMatrix) else source)
         elif args.tie_embeddings and hf_key == "lm_head.weight":
             continue
         else:
             unexpected.append(key)
-        del tensor
+            continue
+        if tied_head:
+            asm.add_quantized_from_float("lm_head", source)
     if unexpected:
         raise ValueError(f"checkpoint in {folder} has unexpected key(s): {', '.join(sorted(unexpected)[:5])}")
     if asm is None:
