@@ -296,7 +296,7 @@ def plot(results: dict, path: Path) -> None:
         ax3 = ax2.twinx()
         ax3.plot(names, bleu, "o-", color="tab:red")
         ax3.set_ylabel("dev BLEU", color="tab:red")
-        ax2.set_title(f"translator {a['model']}")
+        ax2.set_title(f"translator {Path(a['model']).name}: Tatoeba dev")
         ax2.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

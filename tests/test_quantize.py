@@ -116,6 +116,16 @@ def test_nf4_layout_matches_bitsandbytes_if_installed():
     assert torch.allclose(bf.dequantize_4bit(packed, st), Q.dequantize_nf4(**ours), atol=1e-6, rtol=0)
 
 
+def test_bitsandbytes_matmul_on_our_buffers_if_installed():
+    """The `use_bitsandbytes` path (meant for CUDA) hands our buffers to bnb.matmul_4bit as they are."""
+    pytest.importorskip("bitsandbytes")
+    lin = nn.Linear(256, 128, bias=False)
+    q = Q.NF4Linear.from_linear(lin)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert torch.allclose(q._bitsandbytes(x), q(x), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", [(64, "avx512"), (32, "avx2"), (32, "scalar")])
 def test_int4_cpu_layouts_round_trip(kind):
     codes = torch.randint(0, 16, (176, 96), dtype=torch.uint8)  # full blocks and a 48/16-row tail

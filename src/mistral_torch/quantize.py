@@ -722,7 +722,7 @@ class NF4Linear(QuantizedLinear):
                        y.data_ptr(), self.out_features, _kernel_threads())
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def _bitsandbytes(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - needs CUDA + bitsandbytes
+    def _bitsandbytes(self, x: torch.Tensor) -> torch.Tensor:  # checked on CPU against ours (tests)
         import bitsandbytes as bnb
         from bitsandbytes.functional import QuantState
 
