@@ -269,3 +269,11 @@ def test_ddp_two_processes_match_one(corpus, single_process_run, tmp_path):
     torchrun(out, corpus, "--ddp")
     assert_same_curve(out, single_process_run)
     assert (out / "checkpoints" / "step_0000006" / "model.safetensors").is_file()  # DDP: full checkpoints
+
+
+@pytest.mark.slow
+def test_full_checkpoint_continues_under_fsdp2(corpus, single_process_run, tmp_path):
+    """The other direction: a 1-process (full) checkpoint resumed by 2 FSDP2 ranks."""
+    out = tmp_path / "fsdp_from_full"
+    torchrun(out, corpus, "--resume", str(single_process_run / "checkpoints" / "step_0000003"))
+    assert_same_curve(out, single_process_run, steps={4, 5, 6})
