@@ -138,8 +138,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     if path.suffix not in (".yaml", ".yml"):
         return tomllib.loads(text)
-    import yaml
-
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use TOML") from None
     raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of config keys")
