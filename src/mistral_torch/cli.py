@@ -570,6 +570,9 @@ def print_memory_plan(cfg, world_size: int = 1) -> None:
     print(f"expected peak memory per process: batch {micro} x {cfg.seq_len} tokens, compute {cfg.dtype}, AdamW "
           f"(this run: {method}{', activation checkpointing' if cfg.activation_checkpointing else ''})")
     print(format_plans(plans))
+    if cfg.data_format == "pairs":
+        print(f"(pairs are padded to the longest example of each batch, usually far below seq_len={cfg.seq_len}: "
+              "this is the worst case)")
 
 
 def report_peak_memory(cfg, rss_before: int, world_size: int = 1) -> None:
