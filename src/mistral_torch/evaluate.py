@@ -738,14 +738,15 @@ def read_translation_pairs(path: str | Path, reverse: bool = False, limit: int |
 
 def translation_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """Corpus BLEU and chrF (sacrebleu defaults), several references per sentence allowed."""
-    import sacrebleu
+    from sacrebleu.metrics import BLEU, CHRF
 
     n_refs = max(len(r) for r in references)
     streams = [[r[k] if k < len(r) else None for r in references] for k in range(n_refs)]
-    bleu = sacrebleu.corpus_bleu(list(hypotheses), streams)
-    chrf = sacrebleu.corpus_chrf(list(hypotheses), streams)
-    return {"bleu": bleu.score, "chrf": chrf.score, "sentences": len(hypotheses), "max_references": n_refs,
-            "bleu_signature": str(bleu.get_signature()) if hasattr(bleu, "get_signature") else ""}
+    bleu, chrf = BLEU(), CHRF()
+    return {"bleu": bleu.corpus_score(list(hypotheses), streams).score,
+            "chrf": chrf.corpus_score(list(hypotheses), streams).score,
+            "sentences": len(hypotheses), "max_references": n_refs,
+            "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
 
 
 def translate_eval(model: Transformer, tokenizer: "Tokenizer", sources: Sequence[str], template: str,
