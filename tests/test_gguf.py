@@ -581,3 +581,39 @@ def test_k_quants_from_llama_quantize_load(tmp_path):
     for key, w0 in m.state_dict().items():
         err = (back.state_dict()[key] - w0).abs().max()
         assert err <= (0.02 if f.type_name(G.gguf_name(key)) == "Q6_K" else 0.1) * w0.abs().max(), key
+
+
+# ---------------------------------------------------------------- the shipped translator
+def _shipped():
+    from mistral_torch.checkpoint import shipped_models
+
+    if "tiny-en-fr" not in shipped_models():
+        pytest.skip("the shipped model tiny-en-fr is not in this checkout")
+    from mistral_torch.tokenizer import load_tokenizer
+
+    return load_model("tiny-en-fr"), load_tokenizer("tiny-en-fr")
+
+
+def test_shipped_model_round_trips_bit_exact(tmp_path):
+    m, tok = _shipped()
+    path = G.save_gguf(m, tmp_path / "tiny-en-fr.gguf", "f32", tok)
+    back = load_model(path)
+    assert back.args == m.args and back.args.sliding_window == 64
+    assert_same_weights(m, back)
+    assert G.sentencepiece_bytes(path) == tok.path.read_bytes()
+
+
+@pytest.mark.slow
+def test_shipped_model_translates_the_same_in_llama_cpp(tmp_path):
+    """The README's two commands: llama.cpp, from the prompt text, gives our greedy translations
+    (the full comparison: python benchmarks/gguf_vs_llama_cpp.py)."""
+    from mistral_torch.data import get_template
+    from mistral_torch.translate import translate
+
+    m, tok = _shipped()
+    llm = _llama(G.save_gguf(m, tmp_path / "tiny-en-fr.gguf", "f32", tok))
+    sources = [t for t in texts(8)][::4]  # the English sentences
+    template = get_template("translate-en-fr").prompt
+    theirs = [llm(template.format(source=s), max_tokens=96, temperature=0.0, repeat_penalty=1.0,
+                  stop=["\n"])["choices"][0]["text"].strip() for s in sources]
+    assert theirs == translate(m, tok, sources)
