@@ -25,8 +25,10 @@ venv install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+# The shipped English→French translator, offline, in seconds.
 demo: $(VENV)/.installed
-	$(BIN)/python -m mistral_torch.demo
+	$(BIN)/mistral-torch generate --max-new-tokens 40 "Translate: English → French\nEnglish: Hello, how are you?\nFrench:"
+	printf 'I like cats.\nWhere is the train station?\nThe weather is nice today.\n' | $(BIN)/mistral-torch translate
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m "not slow" --timeout=900

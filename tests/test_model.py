@@ -122,3 +122,20 @@ def test_meta_build_is_instant():
     with torch.device("meta"):
         Transformer(ModelArgs.from_name("mistral-7b-v0.1"))
     assert time.perf_counter() - t0 < 5.0
+
+
+@pytest.mark.parametrize("window", [8, 64, None])
+def test_left_padded_rows_without_cache_equal_unpadded(window):
+    """use_cache=False with explicit positions (-1 = padding) masks the padding, window or not."""
+    model = tiny_model(sliding_window=window)
+    gen = torch.Generator().manual_seed(11)
+    short, long = torch.randint(0, 512, (5,), generator=gen), torch.randint(0, 512, (12,), generator=gen)
+    tokens = torch.zeros(2, 12, dtype=torch.long)
+    tokens[0, 7:], tokens[1] = short, long
+    positions = torch.stack([torch.cat([torch.full((7,), -1), torch.arange(5)]), torch.arange(12)])
+    with torch.no_grad():
+        out, _ = model(tokens, positions=positions, use_cache=False)
+        ref_short, _ = model(short[None], use_cache=False)
+        ref_long, _ = model(long[None], use_cache=False)
+    assert (out[0, 7:] - ref_short[0]).abs().max() <= TOL
+    assert (out[1] - ref_long[0]).abs().max() <= TOL

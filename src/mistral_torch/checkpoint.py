@@ -483,7 +483,12 @@ def atomic_folder(dst: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a saved model is an ordinary folder
         for p in tmp.iterdir():
+            if p.is_file():
+                os.chmod(p, 0o666 & ~umask)
             _fsync(p)
         _fsync(tmp)
         if dst.exists():  # overwrite: move the old one aside, swap in the new one, then delete

@@ -180,10 +180,13 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         a = self.args
         if not use_cache:
+            explicit = positions is not None  # may hold padding (-1) or offsets: mask from positions
             if positions is None:
                 positions = torch.arange(T, device=tokens.device).expand(B, T)
+            elif positions.shape != tokens.shape:
+                raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens shape {tuple(tokens.shape)}")
             self._check_length(int(positions.max()) + 1)
-            return self._run(tokens, positions, None, last_logits_only), None
+            return self._run(tokens, positions, None, last_logits_only, mask_from_positions=explicit), None
         if cache is None:
             cache = self.new_cache(B)
         elif cache.batch_size != B:
@@ -243,13 +246,15 @@ class Transformer(nn.Module):
             )
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, step: CacheStep | None,
-             last_logits_only: bool, hidden_only: bool = False) -> torch.Tensor:
+             last_logits_only: bool, hidden_only: bool = False,
+             mask_from_positions: bool = False) -> torch.Tensor:
         a = self.args
         T = tokens.shape[1]
         x = self.model.embed_tokens(tokens)  # (B, T, dim)
         cos, sin = rope_cos_sin(positions, a.head_dim, a.rope_theta)
-        mask = None
-        if step is None and a.sliding_window is not None and T > a.sliding_window:
+        mask = None  # without a cache: plain causal attention unless the window or padding needs a mask
+        window_cuts = a.sliding_window is not None and T > a.sliding_window
+        if step is None and (window_cuts or mask_from_positions):
             mask = attention_bias(attention_mask(positions, positions, a.sliding_window), x.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.activation_checkpointing and self.training:
