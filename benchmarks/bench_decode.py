@@ -178,7 +178,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                     weight_bytes=path.stat().st_size)
         for fn in contenders.values():  # warm every contender once (allocators, oneDNN primitives)
             fn()
+        if dev == "cpu":  # the roofline's bandwidth, measured between the contenders too
+            contenders["copy bandwidth"] = lambda: {"bytes_per_s": common.copy_bandwidth(repeats=3)}
         medians = common.interleave(contenders, args.repeats)
+        if "copy bandwidth" in medians:
+            bw = medians.pop("copy bandwidth")["bytes_per_s"]
+            results.setdefault("copy_bandwidth_GBps_by_dtype", {})[dtype] = bw / 1e9
         for name, m in medians.items():
             row = dict(name=name, dtype=dtype, **meta[name], **m)
             wb = row.pop("weight_bytes", None) or wbytes
