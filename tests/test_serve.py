@@ -445,7 +445,9 @@ def test_full_queue_gets_429_at_once_and_queued_clients_can_leave(server, client
         conns.append(conn)
     try:
         assert all(c.getresponse().status == 200 for c in conns)
-        h = server.health()
+        t0 = time.monotonic()  # admission happens at step boundaries: wait for the batch to fill
+        while (h := server.health())["running"] < 4 and time.monotonic() - t0 < 20:
+            time.sleep(0.02)
         assert (h["running"], h["waiting"]) == (4, 6)
         t0 = time.monotonic()
         status, err = post(server.url + "/v1/completions", {"prompt": "one more", "max_tokens": 2})
