@@ -460,6 +460,23 @@ def test_llama_cpp_greedy_continuation_equals_ours_at_f32(tmp_path, unigram):
         assert np.abs(their_logits - our_logits).max() < 1e-4 * np.abs(our_logits).max()
 
 
+def test_llama_cpp_ignores_the_sliding_window(tmp_path):
+    """llama.cpp's "llama" architecture has no sliding window: past the window it computes what our
+    model does with the window switched off (and within it, what ours does with it)."""
+    m = model(seed=6, std=0.15, sliding_window=8)
+    llm = _llama(G.save_gguf(m, tmp_path / "w.gguf", "f32"))
+    ids = list(range(1, 30))
+    _, theirs = _greedy_llama(llm, ids, 0)
+    _, windowed = _greedy_ours(m, ids, 0)
+    full = Transformer(tiny_args(sliding_window=None)).eval()
+    full.load_state_dict(m.state_dict())
+    _, unwindowed = _greedy_ours(full, ids, 0)
+    scale = np.abs(unwindowed).max()
+    assert np.abs(theirs - unwindowed).max() < 1e-4 * scale
+    assert np.abs(theirs[:8] - windowed[:8]).max() < 1e-4 * scale
+    assert np.abs(theirs[8:] - windowed[8:]).max() > 1e-2 * scale
+
+
 def test_llama_cpp_runs_our_quantized_files(tmp_path):
     m = model(seed=4, std=0.15, sliding_window=None, hidden_dim=192)
     ids = list(range(1, 40))
