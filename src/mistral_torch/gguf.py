@@ -887,6 +887,9 @@ def save_gguf(model: Transformer, path: str | Path, outtype: str | None = None, 
         w.close()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the result should not be
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
