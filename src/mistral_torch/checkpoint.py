@@ -462,7 +462,8 @@ def _export_state(model: Transformer, fmt: str, dtype: torch.dtype) -> Iterator[
         yield native, (hf_to_native(tensor, heads) if heads is not None else tensor).contiguous()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (so a rename into it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -489,8 +490,8 @@ def atomic_folder(dst: Path, overwrite: bool = False) -> Iterator[Path]:
         for p in tmp.iterdir():
             if p.is_file():
                 os.chmod(p, 0o666 & ~umask)
-            _fsync(p)
-        _fsync(tmp)
+            fsync_path(p)
+        fsync_path(tmp)
         if dst.exists():  # overwrite: move the old one aside, swap in the new one, then delete
             old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
             os.replace(dst, old / dst.name)
@@ -502,7 +503,7 @@ def atomic_folder(dst: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dst)
-        _fsync(dst.parent)
+        fsync_path(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

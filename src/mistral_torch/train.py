@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .args import ModelArgs
+from .checkpoint import fsync_path
 from .data import (IGNORE_INDEX, PackedDataset, PairDataset, get_template, read_pairs, shard_batch,
                    split_train_val)
 from .model import Transformer
@@ -302,17 +303,9 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*")) + [root]:
-        _fsync(p)
+        fsync_path(p)
 
 
 def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -358,7 +351,7 @@ def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(ckpt_root)  # the rename itself is durable
+        fsync_path(ckpt_root)  # the rename itself is durable
         for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     rt.barrier()
