@@ -634,3 +634,18 @@ def test_shipped_model_translates_the_same_in_llama_cpp(tmp_path):
     theirs = [llm(template.format(source=s), max_tokens=96, temperature=0.0, repeat_penalty=1.0,
                   stop=["\n"])["choices"][0]["text"].strip() for s in sources]
     assert theirs == translate(m, tok, sources)
+
+
+def test_load_tokenizer_reads_the_vocabulary_embedded_in_a_gguf(tmp_path):
+    """`load_tokenizer("x.gguf")` (used by generate/translate/serve --model x.gguf) gives the
+    tokenizer the file was written with."""
+    from mistral_torch import load_model, load_tokenizer
+    from mistral_torch.gguf import save_gguf
+
+    model, tok = load_model("tiny-en-fr"), load_tokenizer("tiny-en-fr")
+    path = tmp_path / "t.gguf"
+    save_gguf(model, path, outtype="f32", tokenizer=tok)
+    again = load_tokenizer(str(path))
+    text = "Translate: English → French\nEnglish: I like cats, naïvely.\nFrench:"
+    assert again.encode(text) == tok.encode(text)
+    assert again.vocab_size == tok.vocab_size

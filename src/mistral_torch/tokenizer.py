@@ -300,6 +300,10 @@ def load_tokenizer(path_or_name: str | Path | None = None) -> Tokenizer:
 
     path = resolve_model_path(path_or_name)
     if path.is_file():
+        if path.suffix == ".gguf":  # llama.cpp files embed their vocabulary
+            from .gguf import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(path)
         if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
             path = path.parent
         else:
