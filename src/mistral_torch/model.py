@@ -223,6 +223,8 @@ class Transformer(nn.Module):
         """
         self._decode_mode = mode
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
+        if backend == "inductor" and mode is None and self.lm_head.weight.device.type == "cpu":
+            backend, kwargs = _inductor_one_row_matmuls, {}
         self._decode_step = torch.compile(self._run, backend=backend, **kwargs)
         return self
 
@@ -266,6 +268,26 @@ class Transformer(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
+
+
+def _mm_one_row(a: torch.Tensor, b: torch.Tensor):
+    """(1, K) @ (K, N) as a multiply-sum that inductor fuses into one vectorised reduction over the
+    weights: on this project's CPUs it reads them ~1.7x faster than the BLAS gemv (README, Speed)."""
+    if a.shape[0] != 1 or not a.is_floating_point():
+        return NotImplemented
+    return (a.t().float() * b.float()).sum(0, keepdim=True).to(a.dtype)
+
+
+def _inductor_one_row_matmuls(gm, example_inputs):
+    """CPU inductor, with one-row matmuls (batch-1 decode) decomposed by `_mm_one_row`."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    # The AOTAutograd cache keys on the graph before decompositions: bypass it, so that a graph
+    # compiled without this one (and cached) is never reused here. Inductor's own cache still works.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs,
+                          decompositions={**select_decomp_table(), torch.ops.aten.mm.default: _mm_one_row})
 
 
 Mistral7B = Transformer
