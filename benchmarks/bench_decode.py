@@ -174,8 +174,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 llms.append(llm)
                 ids = prompts[1][0].tolist()
                 contenders[f"llama.cpp {kind} b1"] = lambda llm=llm, ids=ids: llama_run(llm, ids, args.new)
+                per_param = {"f32": 4, "f16": 2, "q8_0": 34 / 32}[kind]  # q8_0: 32 int8 + one f16 scale
                 meta[f"llama.cpp {kind} b1"] = dict(impl="llama.cpp", mode=kind, batch=1,
-                                                    weight_bytes=path.stat().st_size)
+                                                    weight_bytes=wbytes / model.lm_head.weight.element_size() * per_param)
         for fn in contenders.values():  # warm every contender once (allocators, oneDNN primitives)
             fn()
         if dev == "cpu":  # the roofline's bandwidth, measured between the contenders too
