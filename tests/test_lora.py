@@ -385,6 +385,11 @@ def test_planner_components():
     assert lo.activations < full.activations  # frozen projections keep no inputs for weight grads
     assert plan_memory(args, "lora", 8, 256).activations == pytest.approx(2 * lo.activations, rel=0.01)
     assert plan_memory(args, "qlora", 4, 256, dtype="bf16").activations < ql.activations
+    # the planner's trainable count is apply_lora's, lm_head included when targeted
+    targets = ["q_proj", "down_proj", "lm_head"]
+    tiny = apply_lora(tiny_model(), r=4, target_modules=targets)
+    assert plan_memory(tiny.args, "lora", 1, 8, r=4, targets=targets).trainable == \
+        lora.get_nb_trainable_parameters(tiny)[0]
     with pytest.raises(ValueError, match="method"):
         plan_memory(args, "adapter", 1, 1)
     text = lora.format_plans([full, lo, ql], {"full": full.total})

@@ -661,6 +661,8 @@ def plan_memory(args: ModelArgs, method: str, batch_size: int, seq_len: int, *, 
         for kind, (o, i) in shapes.items():
             block = "mlp" if kind in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             n_lora += sum(r * (i + o) for layer in range(L) if is_target(f"model.layers.{layer}.{block}.{kind}", targets))
+        if is_target("lm_head", targets):
+            n_lora += r * (D + V)
         if n_lora == 0:
             raise ValueError(f"no module matches targets={targets!r}")
     wbytes, abytes = _BYTES[weights_dtype], _BYTES[dtype]
