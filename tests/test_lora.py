@@ -408,7 +408,7 @@ def test_planner_within_15_percent_of_measured_peak():
                          capture_output=True, text=True, timeout=3000)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [l.split() for l in out.stdout.splitlines() if l.startswith(("full ", "lora ", "qlora "))]
-    assert rows
+    assert [r[0] for r in rows] == ["full", "lora"] + ["qlora"] * nf4_available(), out.stdout + out.stderr
     for row in rows:
         assert abs(float(row[-1].rstrip("%"))) <= 15, out.stdout
 
