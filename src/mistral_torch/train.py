@@ -311,7 +311,7 @@ def _fsync_tree(root: Path) -> None:
 def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], cfg: TrainConfig, keep_last: int, rt: Runtime | None = None,
                     scaler: torch.amp.GradScaler | None = None) -> Path:
-    """Write `checkpoints/step_XXXXXXX` atomically (temp dir, fsync, rename) and prune old ones.
+    """Write `checkpoints/step_<7-digit step>` atomically (temp dir, fsync, rename) and prune old ones.
     Collective under torch.distributed: every process calls it."""
     rt = rt or Runtime()
     ckpt_root = Path(out_dir) / "checkpoints"
