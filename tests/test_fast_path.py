@@ -90,3 +90,86 @@ def test_bf16_compiled_decode_close_to_fp32():
     model = model.to(torch.bfloat16).compile_decode(backend="aot_eager")
     low, _ = decode(model, tokens, 4)
     assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max() < 0.1
+
+
+# ---------------------------------------------------------------- packed linears (oneDNN)
+from mistral_torch import fast  # noqa: E402
+
+needs_onednn = pytest.mark.skipif(not fast.packing_supported(torch.float32), reason="oneDNN not available")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_packed_linear_equals_linear(rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=False)
+    packed = fast.PackedLinear.from_linear(linear)
+    x = torch.randn(2, rows, 96)
+    with torch.no_grad():
+        assert torch.allclose(packed(x), linear(x), atol=1e-5, rtol=1e-5)
+    assert packed.weight is linear.weight and list(packed.state_dict()) == ["weight"]
+
+
+@needs_onednn
+def test_packed_linear_follows_weight_updates_and_autograd():
+    """A changed weight is repacked (no stale copy); with autograd on, the plain weight is used."""
+    torch.manual_seed(1)
+    packed = fast.PackedLinear.from_linear(torch.nn.Linear(32, 16, bias=False))
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        before = packed(x)
+        packed.load_state_dict({"weight": 2 * packed.weight.detach().clone()})
+        after = packed(x)
+    assert torch.allclose(after, 2 * before, atol=1e-5)
+    packed(x).sum().backward()
+    assert torch.allclose(packed.weight.grad, x.sum(0).expand(16, 32))
+
+
+@needs_onednn
+def test_pack_linears_keeps_state_dict_and_logits():
+    model = tiny_model(seed=21, sliding_window=8)
+    tokens = torch.randint(0, 512, (3, 30), generator=torch.Generator().manual_seed(22))
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    plain, _ = decode(model, tokens, 5)
+    assert fast.pack_linears(model) == 4 * model.args.n_layers + 3 * model.args.n_layers + 1
+    packed, _ = decode(model, tokens, 5)
+    assert (packed - plain).abs().max() <= TOL
+    assert model.state_dict().keys() == keys.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in keys.items())
+    assert fast.unpack_linears(model) == 7 * model.args.n_layers + 1
+    assert not any(isinstance(m, fast.PackedLinear) for m in model.modules())
+
+
+@needs_onednn
+def test_two_compiled_models_keep_their_own_weights():
+    """Module guards are skipped for speed: each model must still run its own graph and weights,
+    batch 1 (fused reductions) and batch 3 (packed oneDNN linears inside the graph)."""
+    torch._dynamo.reset()
+    a, b = tiny_model(seed=23, sliding_window=8), tiny_model(seed=24, sliding_window=8)
+    tokens = torch.randint(0, 512, (3, 14), generator=torch.Generator().manual_seed(25))
+    want = {(name, n): decode(m, tokens[:n], 4)[0] for name, m in (("a", a), ("b", b)) for n in (1, 3)}
+    a.compile_decode()
+    b.compile_decode()
+    for n in (1, 3):
+        for name, m in (("a", a), ("b", b)):
+            got, _ = decode(m, tokens[:n], 4)
+            assert (got - want[name, n]).abs().max() <= TOL, (name, n)
+
+
+def test_compiled_step_follows_module_swaps():
+    """Swapping modules after compile_decode (here: LoRA) recompiles instead of running a stale graph."""
+    from mistral_torch.lora import apply_lora
+
+    model = tiny_model(seed=26, sliding_window=8)
+    model.compile_decode(backend="aot_eager")
+    tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(27))
+    decode(model, tokens, 4)
+    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    compiled, _ = decode(model, tokens, 4)
+    step, model._decode_step = model._decode_step, None
+    plain, _ = decode(model, tokens, 4)
+    model._decode_step = step
+    assert (compiled - plain).abs().max() <= TOL

@@ -113,7 +113,7 @@ class RollingKVCache:
             rows, cols, slots = index
             k_pos = self.slot_pos.clone()
             k_pos[rows, slots] = q_pos[rows, cols]
-            return CacheStep(self, q_pos, k_pos[:, :used], index, write_first=True, used=used)
+            return CacheStep(self, q_pos, k_pos[:, :used].contiguous(), index, write_first=True, used=used)
         if self.length == 0:  # nothing cached yet: the chunk attends only to itself
             return CacheStep(self, q_pos, q_pos, index, write_first=False, used=0)
         k_pos = torch.cat([self.slot_pos, q_pos], dim=1)
@@ -153,14 +153,18 @@ class CacheStep:
                  used: int) -> None:
         self.cache, self.q_pos, self.k_pos, self.index = cache, q_pos, k_pos, index
         self.write_first, self.used = write_first, used
-        self.mask = attention_bias(attention_mask(q_pos, k_pos, cache.window), cache.k[0].dtype)
+
+    def bias(self) -> torch.Tensor:
+        """The additive attention bias (B, 1, T, S) of this chunk: built once per forward, inside
+        the compiled graph for a compiled decode step (one fused kernel instead of eight)."""
+        return attention_bias(attention_mask(self.q_pos, self.k_pos, self.cache.window), self.cache.k[0].dtype)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values (B, n_kv_heads, S, head_dim) this chunk attends to, matching `k_pos`."""
         c = self.cache
         if self.write_first:
             c.write(layer, k, v, self.index)
-            used = self.mask.shape[-1]  # == self.used; read from the mask so a compiled step need not specialise on it
+            used = self.k_pos.shape[-1]  # == self.used; read from k_pos so a compiled step need not specialise on it
             return c.k[layer][:, :, :used], c.v[layer][:, :, :used]
         if self.used == 0:
             c.write(layer, k, v, self.index)

@@ -48,6 +48,11 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="do not print speed figures on stderr")
     p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter folder (PEFT format) to the model")
+    p.add_argument("--quantize", default=None, metavar="METHOD",
+                   help="quantize the weights after loading: int8, int4 or nf4 (quantize.py)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: ~2x faster tokens after a warm-up of 15-60 s on a CPU "
+                        "(pays for long outputs; on CPU it also packs the weights for oneDNN: 2x their memory)")
 
 
 def _unescape(text: str) -> str:
@@ -78,6 +83,14 @@ def _load_for_generation(args: argparse.Namespace):
         from .lora import load_adapter, merge_adapter
 
         merge_adapter(load_adapter(model, args.adapter))
+    if args.quantize:
+        from .quantize import quantize_model
+
+        model = quantize_model(model, args.quantize) or model
+    if args.compile:
+        model.compile_decode()
+        if not getattr(args, "quiet", False):
+            print("[compiling the decode step: the first tokens wait for it]", file=sys.stderr, flush=True)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
     return model, tokenizer, config

@@ -15,6 +15,8 @@ CPU inductor, CUDA graphs on GPU). Measured figures: README "Speed", `benchmarks
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,7 +88,6 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if step is not None:
             k, v = step.keys_values(layer, k, v)  # (B, nkv, S, hd), S = keys visible to this chunk
-            mask = step.mask
         gqa = self.n_kv_heads != self.n_heads
         if T == 1 and mask is not None:  # decode: one query per row
             y = decode_attention(q, k, v, mask)
@@ -227,29 +228,53 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ compiled decode
     def compile_decode(self, mode: str | None = None, options: dict | None = None,
-                       backend: str = "inductor") -> "Transformer":
+                       backend: str = "inductor", pack: bool | None = None) -> "Transformer":
         """Compile the one-token decode step (used under `torch.no_grad`/`inference_mode`).
 
         Only `_run` is compiled; the cache bookkeeping around it stays eager. On CPU the step
         attends to the filled part of the cache (a dynamic length, so one compilation serves every
         position); with `mode="reduce-overhead"` (CUDA graphs) it attends to the whole buffer, so
-        every step has the same shapes. The first steps compile: tens of seconds on a CPU.
+        every step has the same shapes. The first steps compile: tens of seconds on a CPU, again
+        for each new batch size.
+
+        On CPU, `pack` (default: where oneDNN supports the dtype) swaps the linears for
+        `fast.PackedLinear`, which also speeds up eager prefill and costs one extra copy of the
+        linear weights; one-row matmuls are fused reductions (`fast.one_row_backend`).
+        Guards on modules are skipped (they cost ~0.4 ms a step); instead the step is recompiled
+        when the set of modules or the dtype changes (apply_lora, quantize, `.to()` after this).
         """
-        self._decode_mode = mode
+        from . import fast
+
+        self._decode_mode, self._compile_args = mode, (mode, options, backend, pack)
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
-        if backend == "inductor" and mode is None and self.lm_head.weight.device.type == "cpu":
-            backend, kwargs = _inductor_one_row_matmuls, {}
-        self._decode_step = torch.compile(self._run, backend=backend, **kwargs)
+        if backend == "inductor" and mode is None and self.model.norm.weight.device.type == "cpu":
+            if pack is not False:
+                fast.pack_linears(self)
+            backend, kwargs = fast.one_row_backend, dict(options=options)
+        kwargs["options"] = {**(kwargs.get("options") or {}),
+                             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        # Without module guards, compiled graphs must not be shared between models: dynamo caches
+        # graphs per code object, so each model compiles its own copy of `_run`'s code.
+        run = Transformer._run
+        own_run = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, run.__defaults__)
+        self._decode_step = torch.compile(types.MethodType(own_run, self), backend=backend, **kwargs)
+        self._compiled_for = self._structure()
         return self
 
+    def _structure(self) -> tuple:
+        """What the compiled step assumed about the model: its modules and their dtype."""
+        return (self.model.norm.weight.dtype, self.model.norm.weight.device, *map(id, self.modules()))
+
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: RollingKVCache) -> torch.Tensor:
+        if self._structure() != self._compiled_for:  # modules swapped or cast since compiling
+            self.compile_decode(*self._compile_args)
         new_length = max(cache.length, int(positions.max()) + 1)
         self._check_length(new_length)
         cache.reserve(cache.capacity)  # fixed buffer shapes: no recompilation as the cache grows
         static = self._decode_mode == "reduce-overhead"
         step = cache.plan(positions, cache.capacity if static else new_length)
-        if step.mask.shape[-1] > 1:  # the number of keys varies: one graph for every length
-            torch._dynamo.mark_dynamic(step.mask, -1)
+        if step.k_pos.shape[-1] > 1:  # the number of keys varies: one graph for every length
+            torch._dynamo.mark_dynamic(step.k_pos, -1)
         logits = self._decode_step(tokens, positions, step, False)
         cache.commit(step, new_length)
         return logits
@@ -270,7 +295,9 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, a.head_dim, a.rope_theta)
         mask = None  # without a cache: plain causal attention unless the window or padding needs a mask
         window_cuts = a.sliding_window is not None and T > a.sliding_window
-        if step is None and (window_cuts or mask_from_positions):
+        if step is not None:
+            mask = step.bias()
+        elif window_cuts or mask_from_positions:
             mask = attention_bias(attention_mask(positions, positions, a.sliding_window), x.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.activation_checkpointing and self.training:
@@ -282,26 +309,6 @@ class Transformer(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
-
-
-def _mm_one_row(a: torch.Tensor, b: torch.Tensor):
-    """(1, K) @ (K, N) as a multiply-sum that inductor fuses into one vectorised reduction over the
-    weights: on this project's CPUs it reads them ~1.7x faster than the BLAS gemv (README, Speed)."""
-    if a.shape[0] != 1 or not a.is_floating_point():
-        return NotImplemented
-    return (a.t().float() * b.float()).sum(0, keepdim=True).to(a.dtype)
-
-
-def _inductor_one_row_matmuls(gm, example_inputs):
-    """CPU inductor, with one-row matmuls (batch-1 decode) decomposed by `_mm_one_row`."""
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
-
-    # The AOTAutograd cache keys on the graph before decompositions: bypass it, so that a graph
-    # compiled without this one (and cached) is never reused here. Inductor's own cache still works.
-    with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs,
-                          decompositions={**select_decomp_table(), torch.ops.aten.mm.default: _mm_one_row})
 
 
 Mistral7B = Transformer
