@@ -141,12 +141,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prompts = {b: torch.randint(3, a.vocab_size, (b, args.prompt), generator=g).to(dev) for b in args.batches}
         contenders: dict[str, Callable[[], dict[str, float]]] = {}
         meta: dict[str, dict[str, Any]] = {}
+        fast = None if args.no_compile else common.twin(model)
         for b, prompt in prompts.items():
             contenders[f"mistral-torch eager b{b}"] = lambda p=prompt: ours(model, p, args.new, None)
             meta[f"mistral-torch eager b{b}"] = dict(impl="mistral-torch", mode="eager", batch=b)
             if not args.no_compile:
-                fn, warm = compile_step(model, args, prompt)
-                contenders[f"mistral-torch compiled b{b}"] = lambda p=prompt, fn=fn: ours(model, p, args.new, fn)
+                fn, warm = compile_step(fast, args, prompt)
+                contenders[f"mistral-torch compiled b{b}"] = lambda p=prompt, fn=fn: ours(fast, p, args.new, fn)
                 meta[f"mistral-torch compiled b{b}"] = dict(impl="mistral-torch", mode="compiled", batch=b,
                                                             compile_warmup_s=warm)
                 print(f"  {dtype} b{b} compile warm-up {warm:.1f} s", file=sys.stderr, flush=True)
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["roofline_tok_s"] = bw / wb
                 row["pct_roofline"] = 100 * row["tok_s"] / row["roofline_tok_s"]
             rows.append(row)
-        del llms, hf, model
+        del llms, hf, model, fast
         gc.collect()
     if args.memory and dev == "cpu":
         names = [r["name"] + "|" + r["dtype"] for r in rows if r["batch"] == 1]

@@ -7,7 +7,9 @@ Each contender turns the prompt into the cache and the last position's logits (o
 `last_logits_only=True`; transformers: `logits_to_keep=1`; llama.cpp: `eval`), interleaved,
 medians reported. "% of matmul peak" = the FLOPs the prefill needs (projections, attention
 scores over the causal/window mask, one row of lm_head) per second, over the fp32 matmul
-throughput measured in the same run at a prefill shape (512 x 768 x 2048).
+throughput measured in the same run at a prefill shape (512 x 768 x 2048): the faster of the
+BLAS call and oneDNN with a packed weight. "mistral-torch packed" is the model with its linears
+swapped for `fast.PackedLinear` (what `compile_decode()` does on CPU).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from bench_decode import build, child_argv  # noqa: E402
 
-from mistral_torch import ModelArgs  # noqa: E402
+from mistral_torch import ModelArgs, fast  # noqa: E402
 
 
 def prefill_flops(a: ModelArgs, T: int) -> float:
@@ -77,6 +79,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         a = model.args
         prompt = torch.randint(3, a.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
         contenders: dict[str, Callable[[], dict[str, float]]] = {"mistral-torch": lambda: ours(model, prompt)}
+        packed = common.twin(model)
+        if fast.pack_linears(packed):  # what compile_decode() does on CPU: oneDNN-packed linears
+            contenders["mistral-torch packed"] = lambda: ours(packed, prompt)
         hf = None
         if not args.no_hf:
             hf = common.hf_model(model)
@@ -93,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, m in common.interleave(contenders, args.repeats).items():
             results["rows"].append(dict(name=name, dtype=dtype, tok_s=args.prompt / m["s"], ttft_s=m["s"],
                                         pct_matmul_peak=100 * flops / m["s"] / peak))
-        del hf, llms, model
+        del hf, llms, model, packed
         gc.collect()
     if args.memory:
         names = [f"{r['name']}|{r['dtype']}" for r in results["rows"]]
@@ -113,7 +118,9 @@ def child(args: argparse.Namespace) -> None:
     name, dtype = args.child.split("|")
     model = build(args, dtype)
     prompt = torch.randint(3, model.args.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    if name == "mistral-torch":
+    if name.startswith("mistral-torch"):
+        if name.endswith("packed"):
+            fast.pack_linears(model)
         ours(model, prompt)
     elif name == "transformers":
         hf = common.hf_model(model)

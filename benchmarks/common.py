@@ -76,16 +76,34 @@ def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
 
 def matmul_flops(m: int = 512, k: int = 768, n: int = 2048, dtype: torch.dtype = torch.float32,
                  repeats: int = 9) -> float:
-    """Matmul throughput (FLOP/s) of (m, k) @ (k, n), median of `repeats` batches of calls."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-    torch.nn.functional.linear(a, b)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(8):
-            torch.nn.functional.linear(a, b)
-        times.append((time.perf_counter() - t0) / 8)
-    return 2 * m * k * n / statistics.median(times)
+    """Matmul throughput (FLOP/s) of (m, k) @ (k, n), median of `repeats` batches of calls: the
+    faster of the BLAS call (`F.linear`) and oneDNN with a packed weight (`fast.PackedLinear`)."""
+    from mistral_torch.fast import PackedLinear, packing_supported
+
+    a, linear = torch.randn(m, k, dtype=dtype), torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False)
+    calls = [lambda: torch.nn.functional.linear(a, linear.weight)]
+    if packing_supported(dtype):
+        calls.append(lambda packed=PackedLinear.from_linear(linear): packed(a))
+    best = 0.0
+    for call in calls:
+        call()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(8):
+                call()
+            times.append((time.perf_counter() - t0) / 8)
+        best = max(best, 2 * m * k * n / statistics.median(times))
+    return best
+
+
+def twin(model: Transformer) -> Transformer:
+    """A second model over the same weight tensors (no copy), for a contender that swaps modules
+    (packing, compiling) while another keeps the plain ones."""
+    with torch.device("meta"):
+        other = Transformer(model.args)
+    other.load_state_dict(model.state_dict(), assign=True)
+    return other.eval()
 
 
 def peak_rss() -> int:

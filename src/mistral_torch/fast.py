@@ -7,8 +7,7 @@ Decode streams every weight once per step, so its speed is how fast the weights 
   project's CPUs it reads fp32 weights ~1.7x faster than the BLAS gemv.
 - Several rows (batched decode, prefill): oneDNN with the weight reordered once into its blocked
   layout (`PackedLinear`). For 8 rows it is ~3x faster than MKL's sgemm here, and 2.5x for a
-  64-token prefill (README, Speed). bf16/fp16 single rows through large matrices also go to oneDNN,
-  which uses the CPU's bf16 dot-product instructions where inductor's reduction cannot.
+  64-token prefill (README, Speed). For one row it loses to the fused reduction (per-call cost).
 
 `PackedLinear` is an `nn.Linear` (same parameter, same state-dict key) that also holds the packed
 copy, so packing costs one extra copy of the linear weights. It repacks when the weight changes
@@ -23,10 +22,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# bf16/fp16 matrices with at least this many weights take oneDNN even for one row (measured on
-# bench-125m: FFN and lm_head matrices gain, the small attention projections lose to call overhead).
-ONE_ROW_PACKED_MIN = 1 << 20
 
 _MODULES: dict[int, weakref.ref] = {}  # handle -> PackedLinear, for the compiled graph's custom op
 
@@ -78,7 +73,6 @@ class PackedLinear(nn.Linear):
         _MODULES[new.handle] = weakref.ref(new)
         weakref.finalize(new, _MODULES.pop, new.handle, None)
         new._packed, new._packed_key = None, None
-        new.one_row_packed = linear.weight.dtype != torch.float32 and linear.weight.numel() >= ONE_ROW_PACKED_MIN
         return new
 
     def to_linear(self) -> nn.Linear:
@@ -105,7 +99,7 @@ class PackedLinear(nn.Linear):
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
             return F.linear(x, self.weight)  # autograd: oneDNN's packed linear has no backward
         if torch.compiler.is_compiling():
-            if x.numel() == x.shape[-1] and not self.one_row_packed:
+            if x.numel() == x.shape[-1]:
                 return F.linear(x, self.weight)  # one row: the fused reduction (`one_row_backend`)
             return torch.ops.mistral_torch.packed_linear(x, self.handle, self.out_features)
         return self.packed_forward(x)

@@ -25,6 +25,17 @@ from .args import ModelArgs
 from .cache import CacheStep, RollingKVCache, attention_bias, attention_mask
 
 
+_module_registrations = 0  # submodules registered anywhere (apply_lora, quantize_model, ...): see _decode
+
+
+def _count_module_registration(module: nn.Module, name: str, submodule: nn.Module) -> None:
+    global _module_registrations
+    _module_registrations += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_module_registration)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -258,7 +269,7 @@ class Transformer(nn.Module):
         run = Transformer._run
         own_run = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, run.__defaults__)
         self._decode_step = torch.compile(types.MethodType(own_run, self), backend=backend, **kwargs)
-        self._compiled_for = self._structure()
+        self._compiled_for, self._checked_at = self._structure(), None
         return self
 
     def _structure(self) -> tuple:
@@ -266,8 +277,11 @@ class Transformer(nn.Module):
         return (self.model.norm.weight.dtype, self.model.norm.weight.device, *map(id, self.modules()))
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: RollingKVCache) -> torch.Tensor:
-        if self._structure() != self._compiled_for:  # modules swapped or cast since compiling
-            self.compile_decode(*self._compile_args)
+        w = self.model.norm.weight
+        if (_module_registrations, w.dtype, w.device) != self._checked_at:  # something changed somewhere
+            self._checked_at = (_module_registrations, w.dtype, w.device)
+            if self._structure() != self._compiled_for:  # here: modules swapped or cast since compiling
+                self.compile_decode(*self._compile_args)
         new_length = max(cache.length, int(positions.max()) + 1)
         self._check_length(new_length)
         cache.reserve(cache.capacity)  # fixed buffer shapes: no recompilation as the cache grows
