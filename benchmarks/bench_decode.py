@@ -171,10 +171,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if have_llama and 1 in prompts:
             for kind in GGUF_FOR[dtype]:
                 path = common.write_gguf(model, Path(tmp.name) / f"m-{kind}.gguf", kind)
-                llm = common.llama_cpp_model(path, n_ctx=args.prompt + args.new + 8, threads=threads)
+                llm = common.LlamaWorker(path, n_ctx=args.prompt + args.new + 8, threads=threads)
                 llms.append(llm)
                 ids = prompts[1][0].tolist()
-                contenders[f"llama.cpp {kind} b1"] = lambda llm=llm, ids=ids: llama_run(llm, ids, args.new)
+                contenders[f"llama.cpp {kind} b1"] = lambda llm=llm, ids=ids: llm.run(ids, args.new)
                 per_param = {"f32": 4, "f16": 2, "q8_0": 34 / 32}[kind]  # q8_0: 32 int8 + one f16 scale
                 meta[f"llama.cpp {kind} b1"] = dict(impl="llama.cpp", mode=kind, batch=1,
                                                     weight_bytes=wbytes / model.lm_head.weight.element_size() * per_param)
@@ -194,6 +194,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["roofline_tok_s"] = bw / wb
                 row["pct_roofline"] = 100 * row["tok_s"] / row["roofline_tok_s"]
             rows.append(row)
+        for llm in llms:
+            llm.close()
         del llms, hf, model, fast
         gc.collect()
     if args.memory and dev == "cpu":

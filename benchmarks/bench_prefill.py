@@ -90,14 +90,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if have_llama:
             kind = "f32" if dtype == "fp32" else "f16"
             path = common.write_gguf(model, Path(tmp.name) / f"m-{kind}.gguf", kind)
-            llms.append(common.llama_cpp_model(path, n_ctx=args.prompt + 8, threads=threads, n_batch=args.prompt))
-            contenders[f"llama.cpp {kind}"] = lambda: llama_run(llms[0], prompt[0].tolist())
+            llms.append(common.LlamaWorker(path, n_ctx=args.prompt + 8, threads=threads, n_batch=args.prompt))
+            contenders[f"llama.cpp {kind}"] = lambda: llms[0].run(prompt[0].tolist(), 1)
         for fn in contenders.values():
             fn()
         flops = prefill_flops(a, args.prompt)
         for name, m in common.interleave(contenders, args.repeats).items():
             results["rows"].append(dict(name=name, dtype=dtype, tok_s=args.prompt / m["s"], ttft_s=m["s"],
                                         pct_matmul_peak=100 * flops / m["s"] / peak))
+        for llm in llms:
+            llm.close()
         del hf, llms, model, packed
         gc.collect()
     if args.memory:

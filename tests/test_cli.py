@@ -91,6 +91,23 @@ def test_generate_batch_file_and_stdin(saved, tmp_path):
     assert r.stdout == expected[1].text + "\n"
 
 
+def test_generate_compile_and_quantize_flags(saved, tmp_path):
+    """--compile (inductor, packed linears) gives the plain greedy output for a batch (rows finish
+    at different steps, so the batch shrinks); --quantize int8 runs and says so in the model."""
+    folder, model, tok = saved
+    prompts = ["Le chat", "Bonjour, comment allez-vous", "I like green tea"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    expected = complete(model, tok, prompts, max_new_tokens=9)
+    r = run("generate", "--model", str(folder), "--batch-file", str(tmp_path / "prompts.txt"),
+            "--max-new-tokens", "9", "--threads", "1", "--compile")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:3] == [c.text.replace("\\", "\\\\").replace("\n", "\\n") for c in expected]
+    assert "compiling the decode step" in r.stderr
+    r = run("generate", "--model", str(folder), "Le chat", "--max-new-tokens", "5", "--threads", "1",
+            "--quantize", "int8", "--dtype", "bf16", "--quiet")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
 def test_chat_scripted_multi_turn(saved):
     folder, model, tok = saved
     system = {"role": "system", "content": "Translate to French."}

@@ -10,7 +10,8 @@ through `scaled_dot_product_attention`; inference goes through a `RollingKVCache
 
 Speed: per-forward work (RoPE angles, the attention mask as an additive bias) is done once, not
 per layer; the one-token decode step can be compiled with `compile_decode()` (torch.compile:
-CPU inductor, CUDA graphs on GPU). Measured figures: README "Speed", `benchmarks/`.
+CPU inductor with the memory-reading tricks of `fast.py`, CUDA graphs on GPU). Measured
+figures: README "Speed", `benchmarks/`.
 """
 
 from __future__ import annotations
