@@ -156,6 +156,9 @@ def one_row_backend(gm, example_inputs):
 
     # The AOTAutograd cache keys on the graph before decompositions: bypass it, so that a graph
     # compiled without this one (and cached) is never reused here. Inductor's own cache still works.
-    with torch._functorch.config.patch(enable_autograd_cache=False):
+    # realize_reads_threshold=1: an activation read by several matmuls (q/k/v, gate/up) is computed
+    # once into a buffer instead of being recomputed inside each weight-row loop (bf16: +3-4 %).
+    with torch._functorch.config.patch(enable_autograd_cache=False), \
+            torch._inductor.config.patch(realize_reads_threshold=1):
         return compile_fx(gm, example_inputs,
                           decompositions={**select_decomp_table(), torch.ops.aten.mm.default: _mm_one_row})
