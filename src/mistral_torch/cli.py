@@ -920,7 +920,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="also the compiled decode step (CPU: ~1 min warm-up)")
+    p.add_argument("--compile", action="store_true", help="also the compiled decode step (CPU: 15-60 s warm-up per batch size)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     p.add_argument("--out", default="bench-results", help="folder for decode.json / prefill.json")
