@@ -252,7 +252,7 @@ class Transformer(nn.Module):
         On CPU, `pack` (default: where oneDNN supports the dtype) swaps the linears for
         `fast.PackedLinear`, which also speeds up eager prefill and costs one extra copy of the
         linear weights; one-row matmuls are fused reductions (`fast.one_row_backend`).
-        Guards on modules are skipped (they cost ~0.4 ms a step); instead the step is recompiled
+        Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step is recompiled
         when the set of modules or the dtype changes (apply_lora, quantize, `.to()` after this).
         """
         from . import fast
@@ -263,8 +263,9 @@ class Transformer(nn.Module):
             if pack is not False:
                 fast.pack_linears(self)
             backend, kwargs = fast.one_row_backend, dict(options=options)
-        kwargs["options"] = {**(kwargs.get("options") or {}),
-                             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if kwargs.get("mode") is None:  # torch.compile takes a mode or options, not both
+            kwargs["options"] = {**(kwargs.get("options") or {}),
+                                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         # Without module guards, compiled graphs must not be shared between models: dynamo caches
         # graphs per code object, so each model compiles its own copy of `_run`'s code.
         run = Transformer._run
