@@ -294,6 +294,15 @@ def test_save_load_identical_outputs(tmp_path, method, group_size):
         assert torch.equal(loaded.state_dict()[key], t), key
 
 
+def test_quantized_model_keeps_its_float_dtype_and_save_model_refuses_it(tmp_path):
+    model = Q.quantize_model(model64().to(torch.bfloat16), "int8")
+    assert model.dtype == torch.bfloat16 and model.lm_head.weight.dtype != torch.bfloat16
+    assert model.new_cache(1).k[0].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="save_quantized"):
+        save_model(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_keep_embeddings_and_tied_models(tmp_path):
     model = Q.quantize_model(tiny_model(tie_embeddings=True), "int8", embeddings=False)
     assert type(model.model.embed_tokens) is nn.Embedding and type(model.lm_head) is Q.Int8Linear

@@ -525,7 +525,11 @@ def save_model(model: Transformer, path: str | Path, format: str = "hf",
     if format not in ("hf", "mistral", "native"):
         raise ValueError(f"unknown format {format!r} (use 'hf' or 'mistral')")
     fmt = "hf" if format == "hf" else "native"
-    dtype = parse_dtype(dtype) or model.lm_head.weight.dtype
+    quantized = next((k for k, t in model.state_dict().items() if not t.is_floating_point()), None)
+    if quantized is not None:
+        raise ValueError(f"{quantized!r} holds quantized (integer) weights: write a quantized model with "
+                         "mistral_torch.quantize.save_quantized (or `mistral-torch quantize`)")
+    dtype = parse_dtype(dtype) or model.dtype
     limit = parse_size(max_shard_size)
     extra = [Path(f) for f in extra_files]
     for f in extra:

@@ -226,7 +226,7 @@ def _convert(args: argparse.Namespace) -> int:
                    overwrite=args.force, extra_files=tokenizer_files(folder))
     except FileExistsError as exc:
         raise ValueError(str(exc)) from None
-    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    dtype = str(model.dtype).removeprefix("torch.")
     print(f"wrote {args.dst} ({args.to}, {dtype}, {model.args.n_params:,} parameters)")
     return 0
 
@@ -632,7 +632,7 @@ def _merge_lora(args: argparse.Namespace) -> int:
     trained_on_nf4 = bool(json.loads(adapter_cfg.read_text()).get("mistral_torch", {}).get("qlora"))
     src = resolve_model_path(args.base)
     model = load_model(src, dtype=args.dtype)
-    dtype = model.lm_head.weight.dtype
+    dtype = model.dtype
     nf4 = args.qlora_base == "yes" or (args.qlora_base == "auto" and trained_on_nf4)
     if nf4:
         quantize_base_nf4(model)

@@ -117,7 +117,7 @@ def token_logprobs(model: Transformer, ids: Sequence[int], seq_len: int, stride:
     x = torch.as_tensor(list(ids), dtype=torch.long)
     n = len(x)
     windows = strided_windows(n, seq_len, stride)
-    device = model.lm_head.weight.device
+    device = model.device
     out = torch.empty(n - 1, dtype=torch.float64)
     groups: list[list[tuple[int, int]]] = []
     for w in windows:  # consecutive windows of one length share a batch
@@ -287,7 +287,7 @@ def score_tokens(model: Transformer, requests: Sequence[tuple[Sequence[int], Seq
         inputs.setdefault(tuple(whole[:-1]), []).append(i)
     order = sorted(inputs, key=len, reverse=True)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    device = model.lm_head.weight.device
+    device = model.device
     bar = _progress(len(requests), "scoring", progress)
     start = 0
     while start < len(order):
@@ -843,7 +843,7 @@ def self_check(model: Transformer, tokenizer: "Tokenizer", items: Sequence[tuple
     ours = score_tokens(model, reqs, batch_size=batch_size)
     single = [score_tokens(model, [r], batch_size=1)[0] for r in reqs]
     batch_diff = max(abs(a[0] - b[0]) for a, b in zip(ours, single))
-    fp32 = model.lm_head.weight.dtype == torch.float32
+    fp32 = model.dtype == torch.float32
     tol = [atol if atol is not None else (1e-3 if fp32 else 0.1 + 0.05 * len(c)) for _, c in reqs]
     rows = [{"context": c[-60:], "continuation": x, "tokens": len(r[1]), "ours": o[0]} for (c, x), r, o in zip(items, reqs, ours)]
     try:

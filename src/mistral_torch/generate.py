@@ -247,7 +247,7 @@ class TokenGenerator:
     def _prefill(self) -> None:
         """Left-pad the prompts into one batch and run them through a fresh cache."""
         model, cfg = self.model, self.config
-        device = model.lm_head.weight.device
+        device = model.device
         B, T = len(self.prompts), max(len(p) for p in self.prompts)
         tokens = torch.zeros(B, T, dtype=torch.long)
         positions = torch.full((B, T), -1, dtype=torch.long)  # -1: padding, never stored or attended

@@ -824,7 +824,7 @@ def save_gguf(model: Transformer, path: str | Path, outtype: str | None = None, 
     """
     gguf = _gguf()
     if outtype is None:
-        outtype = {torch.float16: "f16", torch.bfloat16: "bf16"}.get(model.lm_head.weight.dtype, "f32")
+        outtype = {torch.float16: "f16", torch.bfloat16: "bf16"}.get(model.dtype, "f32")
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise ValueError(f"unknown GGUF outtype {outtype!r} (use one of: {', '.join(OUTTYPES)})")
@@ -907,7 +907,7 @@ def merge_adapter(model: Transformer, adapter: str | Path, qlora_base: str = "au
     cfg = Path(adapter) / ADAPTER_CONFIG
     if not cfg.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {adapter} (not a LoRA adapter folder)")
-    dtype = model.lm_head.weight.dtype
+    dtype = model.dtype
     nf4 = bool(json.loads(cfg.read_text()).get("mistral_torch", {}).get("qlora"))
     if qlora_base == "yes" or (qlora_base == "auto" and nf4):
         quantize_base_nf4(model)
@@ -928,7 +928,7 @@ def convert_command(args) -> int:
     model = load_model(src, dtype=args.dtype)
     if getattr(args, "adapter", None):
         model = merge_adapter(model, args.adapter)
-    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    dtype = str(model.dtype).removeprefix("torch.")
     if args.to == "gguf":
         tokenizer = load_gguf_tokenizer(src) if from_gguf else load_tokenizer(src)
         name = Path(args.src).name.removesuffix(".gguf")

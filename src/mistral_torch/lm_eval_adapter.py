@@ -100,7 +100,7 @@ class MistralTorchLM(LM):
     # ---------------------------------------------------------------- lm-eval plumbing
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.device
 
     @property
     def eot_token_id(self) -> int:
@@ -109,7 +109,7 @@ class MistralTorchLM(LM):
     def get_model_info(self) -> dict[str, Any]:
         a = self.model.args
         return {"model_name": f"mistral-torch:{self.pretrained or 'default'}",
-                "model_num_parameters": a.n_params, "model_dtype": str(self.model.lm_head.weight.dtype),
+                "model_num_parameters": a.n_params, "model_dtype": str(self.model.dtype),
                 "sliding_window": a.sliding_window, "max_length": self.max_length}
 
     def run_self_check(self) -> ev.SelfCheck:

@@ -154,6 +154,16 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False  # set by the trainer
         self._decode_step = None  # a compiled `_run` for one-token steps (see `compile_decode`)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's floating-point dtype (that of its norms: still float when the linears are
+        quantized to integer weights)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
     @classmethod
     def from_name(cls, name: str) -> "Transformer":
         return cls(ModelArgs.from_name(name))
@@ -176,9 +186,8 @@ class Transformer(nn.Module):
             capacity = a.sliding_window or a.max_seq_len
         if a.sliding_window is not None:
             capacity = max(capacity, a.sliding_window)
-        w = self.model.norm.weight  # a float parameter even when lm_head is quantized (packed ints)
         return RollingKVCache(a.n_layers, batch_size, a.n_kv_heads, a.head_dim, capacity,
-                              a.sliding_window, dtype=w.dtype, device=w.device)
+                              a.sliding_window, dtype=self.dtype, device=self.device)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if not isinstance(tokens, torch.Tensor):

@@ -227,7 +227,7 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.limit = context_limit(model)
-        self.device = model.lm_head.weight.device
+        self.device = model.device
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
