@@ -92,3 +92,28 @@ def test_cache_validation():
     cache = model.new_cache(1, capacity=10)
     with pytest.raises(ValueError, match="exceeds the cache capacity of 10"):
         model(torch.zeros(1, 11, dtype=torch.long), cache=cache)
+
+
+def test_rows_leave_and_join_exactly():
+    """select_rows / append_rows (what generation and the server do to a running batch): rows
+    cut out of one cache and joined to another continue exactly as if decoded alone, also when a
+    windowless cache of another capacity joins; windowed caches of different capacity are refused."""
+    model = tiny_model(seed=31, sliding_window=None, max_seq_len=64)
+    g = torch.Generator().manual_seed(32)
+    a_tokens, b_tokens = torch.randint(0, 512, (3, 20), generator=g), torch.randint(0, 512, (1, 12), generator=g)
+    with torch.no_grad():
+        ref = [model(t[None], use_cache=False)[0][0] for t in (*a_tokens, *b_tokens)]
+        _, a = model(a_tokens[:, :15])
+        _, b = model(b_tokens[:, :7], cache=model.new_cache(1, capacity=32))
+        a.select_rows(torch.tensor([2, 0]))
+        a.append_rows(b)
+        rows = [a_tokens[2], a_tokens[0], b_tokens[0]]
+        starts = [15, 15, 7]
+        for step in range(5):
+            tok = torch.stack([r[s + step] for r, s in zip(rows, starts)])[:, None]
+            out, a = model(tok, cache=a)
+            for i, want in enumerate([ref[2], ref[0], ref[3]]):
+                assert (out[i, 0] - want[starts[i] + step]).abs().max() <= 1e-5
+    w8, w16 = tiny_model(seed=33, sliding_window=8).new_cache(1), tiny_model(seed=33, sliding_window=8).new_cache(1, capacity=16)
+    with pytest.raises(ValueError, match="fixed capacity"):
+        w8.append_rows(w16)

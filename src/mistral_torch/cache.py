@@ -40,6 +40,16 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def _pad(t: torch.Tensor, dim: int, size: int, value: int) -> torch.Tensor:
+    """`t` extended along `dim` to `size` with `value` (unchanged when already that long)."""
+    extra = size - t.shape[dim]
+    if extra <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+
 class RollingKVCache:
     """Rolling-buffer key/value cache for all layers of one batch of sequences.
 
@@ -89,6 +99,37 @@ class RollingKVCache:
         self.slot_pos.fill_(-1)
         self.next_pos.zero_()
         self.length = 0
+
+    # ------------------------------------------------------------------ batch rows
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Keep only rows `keep` (1-D index) of the batch, in that order (finished rows leave)."""
+        self.k = [k.index_select(0, keep) for k in self.k]
+        self.v = [v.index_select(0, keep) for v in self.v]
+        self.slot_pos = self.slot_pos.index_select(0, keep)
+        self.next_pos = self.next_pos.index_select(0, keep)
+
+    def append_rows(self, other: "RollingKVCache") -> None:
+        """Append the rows of `other` (a cache of the same model) after this cache's rows.
+
+        Both are first brought to the same shape, which never moves a slot: without a window the
+        smaller capacity grows to the larger (such a cache never wraps, so slot = position), and
+        buffers not yet grown to the capacity are padded to the longer one. Added slots are empty
+        (position -1), hence never attended.
+        """
+        if self.capacity != other.capacity and (self.window is not None or other.window is not None):
+            raise ValueError("caches with a sliding window have a fixed capacity: they must match to be joined")
+        capacity = max(self.capacity, other.capacity)
+        allocated = max(self.allocated, other.allocated)
+        for c in (self, other):
+            c.slot_pos = _pad(c.slot_pos, 1, capacity, -1)
+            c.k = [_pad(k, 2, allocated, 0) for k in c.k]
+            c.v = [_pad(v, 2, allocated, 0) for v in c.v]
+            c.capacity = capacity
+        self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
+        self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
+        self.slot_pos = torch.cat([self.slot_pos, other.slot_pos])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.length = max(self.length, other.length)
 
     # ------------------------------------------------------------------ one forward step
     def plan(self, q_pos: torch.Tensor, new_length: int) -> "CacheStep":

@@ -282,10 +282,7 @@ class TokenGenerator:
         if not keep:
             return
         idx = torch.tensor(keep, device=self._last.device)
-        c = self.cache
-        c.k = [k.index_select(0, idx) for k in c.k]
-        c.v = [v.index_select(0, idx) for v in c.v]
-        c.slot_pos, c.next_pos = c.slot_pos.index_select(0, idx), c.next_pos.index_select(0, idx)
+        self.cache.select_rows(idx)
         self._last, self._seen = self._last.index_select(0, idx), self._seen.index_select(0, idx)
         if self._generators is not None:
             self._generators = [self._generators[i] for i in keep]

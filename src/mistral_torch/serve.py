@@ -31,11 +31,12 @@ one (B, 1) step: each query sees only its own row's keys, through the cache's ma
 
 Joining: the newcomers are prefilled together in a fresh cache of their own (left-padded, the
 padding at position -1 is never stored nor attended), exactly as `TokenGenerator` prefills a
-batch. Their cache rows are then appended to the running cache (`_append_rows`). That is exact
-because a row's slots depend only on that row: with a sliding window both caches hold `window`
+batch. Their cache rows are then appended to the running cache (`RollingKVCache.append_rows`).
+That is exact because a row's slots depend only on that row: with a sliding window both caches hold `window`
 slots written at `pos % window`; without one a cache never wraps (slot = position), so the
 smaller cache is padded with empty slots (-1) to the larger capacity first.
-Leaving: the rows that remain are selected (`_select_rows`), as `TokenGenerator` drops rows.
+Leaving: the rows that remain are selected (`RollingKVCache.select_rows`), as `TokenGenerator`
+drops rows.
 
 Sampling is per row: greedy rows share one argmax; a sampling row uses its own
 `GenerationConfig` and its own `torch.Generator` seeded from the request's `seed`, so a seeded
@@ -166,49 +167,6 @@ class _Row:
         return self.generator is None and self.seen is None
 
 
-# ---------------------------------------------------------------- batch cache surgery
-def _select_rows(cache: RollingKVCache, keep: torch.Tensor) -> None:
-    """Keep only rows `keep` (1-D index) of `cache`, in that order."""
-    cache.k = [k.index_select(0, keep) for k in cache.k]
-    cache.v = [v.index_select(0, keep) for v in cache.v]
-    cache.slot_pos = cache.slot_pos.index_select(0, keep)
-    cache.next_pos = cache.next_pos.index_select(0, keep)
-
-
-def _pad_slots(t: torch.Tensor, dim: int, size: int, value: int) -> torch.Tensor:
-    """`t` extended along `dim` to `size` with `value` (unchanged when already that long)."""
-    extra = size - t.shape[dim]
-    if extra <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t, t.new_full(shape, value)], dim=dim)
-
-
-def _append_rows(cache: RollingKVCache, other: RollingKVCache) -> None:
-    """Append the rows of `other` after those of `cache` (same model; see the module docstring).
-
-    Both are first brought to the same shape, which never moves a slot: without a window the
-    smaller capacity grows to the larger (such a cache never wraps, so slot = position), and
-    key/value buffers shorter than the capacity (a cache may allocate them as positions arrive)
-    are padded to the longer one. Added slots are empty (position -1), hence never attended.
-    """
-    if cache.capacity != other.capacity:
-        assert cache.window is None and other.window is None, "a windowed cache has a fixed capacity"
-    capacity = max(cache.capacity, other.capacity)
-    allocated = max(cache.k[0].shape[2], other.k[0].shape[2])
-    for c in (cache, other):
-        c.slot_pos = _pad_slots(c.slot_pos, 1, capacity, -1)
-        c.k = [_pad_slots(k, 2, allocated, 0) for k in c.k]
-        c.v = [_pad_slots(v, 2, allocated, 0) for v in c.v]
-        c.capacity = capacity
-    cache.k = [torch.cat([a, b]) for a, b in zip(cache.k, other.k)]
-    cache.v = [torch.cat([a, b]) for a, b in zip(cache.v, other.v)]
-    cache.slot_pos = torch.cat([cache.slot_pos, other.slot_pos])
-    cache.next_pos = torch.cat([cache.next_pos, other.next_pos])
-    cache.length = max(cache.length, other.length)
-
-
 # ---------------------------------------------------------------- the engine
 class Engine:
     """Continuous batching over one model: see the module docstring.
@@ -334,7 +292,7 @@ class Engine:
                 self.rows, self._cache, self._last = [], None, None
                 return
             idx = torch.tensor(keep, device=self.device)
-            _select_rows(self._cache, idx)
+            self._cache.select_rows(idx)
             self._last = self._last.index_select(0, idx)
             self.rows = [self.rows[i] for i in keep]
 
@@ -361,7 +319,7 @@ class Engine:
             if self._cache is None:
                 self._cache, self._last = cache, first
             else:
-                _append_rows(self._cache, cache)
+                self._cache.append_rows(cache)
                 self._last = torch.cat([self._last, first])
             self.rows = self.rows + rows
             self._admitting = []
