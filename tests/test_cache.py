@@ -36,6 +36,22 @@ def test_incremental_equals_full_forward(window, sizes):
     assert cache.length == 80 and cache.next_pos.tolist() == [80, 80]
 
 
+def test_prompt_longer_than_the_prefill_chunk():
+    """One forward call of 1200 tokens with window 8: chunks of MIN_PREFILL_CHUNK (512) inside,
+    each longer than the cache, the later ones reading the cache first; equal to the plain pass."""
+    from mistral_torch.model import MIN_PREFILL_CHUNK
+
+    model = tiny_model(sliding_window=8)
+    tokens = torch.randint(0, 512, (1, 1200), generator=torch.Generator().manual_seed(8))
+    assert tokens.shape[1] > 2 * MIN_PREFILL_CHUNK
+    with torch.no_grad():
+        ref, _ = model(tokens, use_cache=False)
+        out, cache = model(tokens)
+        last, _ = model(tokens, last_logits_only=True)
+    assert (out - ref).abs().max() <= TOL and (last[:, -1] - ref[:, -1]).abs().max() <= TOL
+    assert cache.length == 1200 and cache.allocated == 8
+
+
 def test_cache_memory_constant_once_window_is_full():
     model = tiny_model(sliding_window=8)
     tokens = torch.randint(0, 512, (2, 200), generator=torch.Generator().manual_seed(8))

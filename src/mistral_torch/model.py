@@ -26,6 +26,10 @@ from .args import ModelArgs
 from .cache import CacheStep, RollingKVCache, attention_bias, attention_mask
 
 
+# Prompts longer than the window go through in chunks of max(window, this): attention then costs
+# O(n * (W + chunk)), and a small window (the shipped model's is 64) does not mean tiny matmuls.
+MIN_PREFILL_CHUNK = 512
+
 _module_registrations = 0  # submodules registered anywhere (apply_lora, quantize_model, ...): see _decode
 
 
@@ -210,7 +214,7 @@ class Transformer(nn.Module):
         cache:     continue from this cache; a new one is made when None and `use_cache`.
         positions: (B, T) absolute positions, -1 for padding (default: continue each row).
         use_cache: False for training/scoring: one pass over the sequence, no cache kept.
-        Prompts longer than the window go through the cache in chunks of at most the window.
+        Prompts longer than the window go through the cache in chunks of max(window, 512).
         """
         self._check_tokens(tokens)
         B, T = tokens.shape
@@ -233,7 +237,7 @@ class Transformer(nn.Module):
             raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens shape {tuple(tokens.shape)}")
         if T == 1 and self._decode_step is not None and not torch.is_grad_enabled():
             return self._decode(tokens, positions, cache), cache
-        chunk = a.sliding_window or T
+        chunk = max(a.sliding_window, MIN_PREFILL_CHUNK) if a.sliding_window else T
         outs = []
         for s in range(0, T, chunk):
             tok, pos = tokens[:, s:s + chunk], positions[:, s:s + chunk]
