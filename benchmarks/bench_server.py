@@ -156,16 +156,18 @@ def main() -> None:
     p.add_argument("--soak", type=int, default=500, help="requests in the soak, 0 to skip (default: 500)")
     p.add_argument("--threads", type=int, default=1, help="server torch threads (default: 1)")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--compile", action="store_true", help="serve with --compile (compiled decode step)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         folder, what = model_folder(args.model, Path(tmp))
-        print(f"model: {what}\nserver: --threads {args.threads} --max-batch-size {args.max_batch_size}; "
+        print(f"model: {what}\nserver: --threads {args.threads} --max-batch-size {args.max_batch_size}"
+              f"{' --compile' if args.compile else ''}; "
               f"{os.cpu_count()} CPUs on this machine", flush=True)
         server = Server(folder, Path(tmp) / "server.log",
                         ["--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
-                         "--max-queue", "256"])
+                         "--max-queue", "256", *(["--compile"] if args.compile else [])])
         try:
             # warm-up (first calls allocate and load lazily)
             run_clients(server.port, 2, [[{"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}]] * 2)

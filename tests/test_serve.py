@@ -85,14 +85,20 @@ class Collector:
         return next((e for e in self.events.get(i, []) if isinstance(e, (Done, Failed))), None)
 
 
-@pytest.mark.parametrize("window,long", [(8, 30), (None, 30), (300, 290), (None, 290)],
-                         ids=["window8", "no-window", "window300-long", "no-window-long"])
-def test_engine_joins_and_leaves_exactly(tokenizer, window, long):
+@pytest.mark.parametrize("window,long,compiled", [(8, 30, False), (None, 30, False), (300, 290, False),
+                                                 (None, 290, False), (8, 30, True)],
+                         ids=["window8", "no-window", "window300-long", "no-window-long", "window8-compiled"])
+def test_engine_joins_and_leaves_exactly(tokenizer, window, long, compiled):
     """Jobs joining a running batch at arbitrary steps and leaving when done each decode exactly
     the tokens of their prompt decoded alone. Window 8 wraps the rolling cache many times;
     without a window the batch cache grows as longer jobs join; prompts longer than 256 make
     caches whose key/value buffers differ in length (when the cache allocates them lazily)."""
     model = served_model(sliding_window=window, max_seq_len=1024)
+    if compiled:  # the server's --compile: inductor, packed linears, batch sizes 1-3 compiled first
+        from mistral_torch.cli import _compile_for_batches
+
+        torch._dynamo.reset()
+        _compile_for_batches(model)
     engine = Engine(model, tokenizer, max_batch_size=3, max_queue=10)
     rng = random.Random(0)
     prompts = [[tokenizer.bos_id] + [rng.randrange(3, 32000) for _ in range(n)] for n in (3, 20, 7, 1, 13, long, 5)]
@@ -108,6 +114,7 @@ def test_engine_joins_and_leaves_exactly(tokenizer, window, long):
         engine.step()
         step += 1
     assert engine.idle
+    model._decode_step = None  # the references: plain eager decoding
     for i, p in enumerate(prompts):
         alone = generate_ids(model, [p], max_new_tokens=lengths[i], temperature=0.0, ignore_eos=True)[0]
         assert out.tokens(i) == alone, f"job {i}"

@@ -253,6 +253,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="quantize the weights after loading: int8, int4 or nf4 (quantize.py)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="load a LoRA adapter folder on top of the model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step, compiled before serving (30-60 s on a CPU; faster "
+                        "decoding of the running batch; on CPU the weights are also packed for oneDNN: 2x memory)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight may take to finish after SIGTERM (default: 30)")
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -286,6 +289,9 @@ def _serve(args: argparse.Namespace) -> int:
         from .lora import load_adapter
 
         model = load_adapter(model, args.adapter) or model
+    if args.compile:
+        print("compiling the decode step for batch sizes 1 and 2+ ...", flush=True)
+        _compile_for_batches(model.eval())
     name = args.model_name or (args.model if args.model and not os.path.exists(args.model) else path.name)
     api_key = args.api_key or os.environ.get("MISTRAL_TORCH_API_KEY") or None
     print(f"serving {name} ({model.args.n_params:,} parameters) at http://{args.host}:{args.port}/ "
@@ -295,6 +301,23 @@ def _serve(args: argparse.Namespace) -> int:
           max_body_bytes=parse_size(args.max_body_size), shutdown_timeout=args.shutdown_timeout,
           access_log=args.access_log)
     return 0
+
+
+def _compile_for_batches(model, batch_sizes: tuple[int, ...] = (1, 2, 3)) -> None:
+    """compile_decode, then decode steps at every shape class a server meets, so that requests
+    never wait for the compiler: batch 1 and batches of 2+ (one graph dynamic in the batch), each
+    with a first short cache, a longer one (dynamic in the number of keys) and, with a sliding
+    window, the full window."""
+    import torch
+
+    model.compile_decode()
+    window = model.args.sliding_window
+    lengths = [2, 17] + ([window + 1] if window else [])
+    with torch.inference_mode():
+        for b in batch_sizes:
+            for n in lengths:
+                _, cache = model(torch.ones(b, n, dtype=torch.long))
+                model(torch.ones(b, 1, dtype=torch.long), cache=cache)
 
 
 # ---------------------------------------------------------------- evaluate
