@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
 import tempfile
 import time
@@ -218,12 +217,18 @@ def child_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def child(args: argparse.Namespace) -> None:
-    """One contender alone in this process: build, warm up, generate; print peak RSS."""
+def child_setup(args: argparse.Namespace) -> tuple[str, Transformer, torch.Tensor]:
+    """For a peak-memory child process (`--child NAME|DTYPE`): its contender name, model and prompt."""
     common.threads_from_env(args.threads)
     name, dtype = args.child.split("|")
     model = build(args, dtype)
     prompt = torch.randint(3, model.args.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    return name, model, prompt
+
+
+def child(args: argparse.Namespace) -> None:
+    """One contender alone in this process: build, warm up, generate; print peak RSS."""
+    name, model, prompt = child_setup(args)
     if name.startswith("mistral-torch"):
         fn = compile_step(model, args, prompt)[0] if "compiled" in name else None
         ours(model, prompt, args.new, fn)

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_decode import build, child_argv  # noqa: E402
+from bench_decode import build, child_argv, child_setup  # noqa: E402
 
 from mistral_torch import ModelArgs, fast  # noqa: E402
 
@@ -116,10 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child(args: argparse.Namespace) -> None:
-    common.threads_from_env(args.threads)
-    name, dtype = args.child.split("|")
-    model = build(args, dtype)
-    prompt = torch.randint(3, model.args.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    name, model, prompt = child_setup(args)
     if name.startswith("mistral-torch"):
         if name.endswith("packed"):
             fast.pack_linears(model)

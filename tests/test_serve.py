@@ -94,11 +94,9 @@ def test_engine_joins_and_leaves_exactly(tokenizer, window, long, compiled):
     without a window the batch cache grows as longer jobs join; prompts longer than 256 make
     caches whose key/value buffers differ in length (when the cache allocates them lazily)."""
     model = served_model(sliding_window=window, max_seq_len=1024)
-    if compiled:  # the server's --compile: inductor, packed linears, batch sizes 1-3 compiled first
-        from mistral_torch.cli import _compile_for_batches
-
+    if compiled:  # the server's --compile: inductor, packed linears, every shape class compiled first
         torch._dynamo.reset()
-        _compile_for_batches(model)
+        model.compile_decode().warm_up_decode()
     engine = Engine(model, tokenizer, max_batch_size=3, max_queue=10)
     rng = random.Random(0)
     prompts = [[tokenizer.bos_id] + [rng.randrange(3, 32000) for _ in range(n)] for n in (3, 20, 7, 1, 13, long, 5)]

@@ -89,7 +89,7 @@ def _load_for_generation(args: argparse.Namespace):
         model = quantize_model(model, args.quantize) or model
     if args.compile:
         model.compile_decode()
-        if not getattr(args, "quiet", False):
+        if not args.quiet:
             print("[compiling the decode step: the first tokens wait for it]", file=sys.stderr, flush=True)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
@@ -291,7 +291,7 @@ def _serve(args: argparse.Namespace) -> int:
         model = load_adapter(model, args.adapter) or model
     if args.compile:
         print("compiling the decode step for batch sizes 1 and 2+ ...", flush=True)
-        _compile_for_batches(model.eval())
+        model.eval().compile_decode().warm_up_decode()
     name = args.model_name or (args.model if args.model and not os.path.exists(args.model) else path.name)
     api_key = args.api_key or os.environ.get("MISTRAL_TORCH_API_KEY") or None
     print(f"serving {name} ({model.args.n_params:,} parameters) at http://{args.host}:{args.port}/ "
@@ -301,23 +301,6 @@ def _serve(args: argparse.Namespace) -> int:
           max_body_bytes=parse_size(args.max_body_size), shutdown_timeout=args.shutdown_timeout,
           access_log=args.access_log)
     return 0
-
-
-def _compile_for_batches(model, batch_sizes: tuple[int, ...] = (1, 2, 3)) -> None:
-    """compile_decode, then decode steps at every shape class a server meets, so that requests
-    never wait for the compiler: batch 1 and batches of 2+ (one graph dynamic in the batch), each
-    with a first short cache, a longer one (dynamic in the number of keys) and, with a sliding
-    window, the full window."""
-    import torch
-
-    model.compile_decode()
-    window = model.args.sliding_window
-    lengths = [2, 17] + ([window + 1] if window else [])
-    with torch.inference_mode():
-        for b in batch_sizes:
-            for n in lengths:
-                _, cache = model(torch.ones(b, n, dtype=torch.long))
-                model(torch.ones(b, 1, dtype=torch.long), cache=cache)
 
 
 # ---------------------------------------------------------------- evaluate
@@ -643,8 +626,6 @@ def add_merge_lora(sub: argparse._SubParsersAction) -> None:
 def _merge_lora(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
-
-    import torch
 
     from .checkpoint import load_model, resolve_model_path, save_model, tokenizer_files
     from .lora import ADAPTER_CONFIG, load_adapter, lora_modules, merge_lora, quantize_base_nf4

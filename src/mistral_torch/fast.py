@@ -120,24 +120,20 @@ def pack_linears(model: nn.Module) -> int:
 
     Nothing happens for dtypes or devices oneDNN cannot run (see `packing_supported`).
     """
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.bias is None and packing_supported(child.weight.dtype, child.weight.device.type):
-                setattr(parent, name, PackedLinear.from_linear(child))
-                swapped += 1
-    return swapped
+    return _replace(model, lambda m: type(m) is nn.Linear and m.bias is None
+                    and packing_supported(m.weight.dtype, m.weight.device.type), PackedLinear.from_linear)
 
 
 def unpack_linears(model: nn.Module) -> int:
     """Undo `pack_linears`: plain `nn.Linear`s holding the same parameters; returns how many."""
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is PackedLinear:
-                setattr(parent, name, child.to_linear())
-                swapped += 1
-    return swapped
+    return _replace(model, lambda m: type(m) is PackedLinear, PackedLinear.to_linear)
+
+
+def _replace(model: nn.Module, wanted, convert) -> int:
+    targets = [(name, m) for name, m in model.named_modules() if wanted(m)]
+    for name, m in targets:
+        model.set_submodule(name, convert(m))
+    return len(targets)
 
 
 # ---------------------------------------------------------------- one-row matmuls in inductor

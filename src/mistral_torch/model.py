@@ -265,14 +265,14 @@ class Transformer(nn.Module):
         On CPU, `pack` (default: where oneDNN supports the dtype) swaps the linears for
         `fast.PackedLinear`, which also speeds up eager prefill and costs one extra copy of the
         linear weights; one-row matmuls are fused reductions (`fast.one_row_backend`).
-        Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step is recompiled
-        when the set of modules or the dtype changes (apply_lora, quantize, `.to()` after this).
+        Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
+        is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
         """
         from . import fast
 
-        self._decode_mode, self._compile_args = mode, (mode, options, backend, pack)
+        self._compile_args = (mode, options, backend, pack)
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
-        if backend == "inductor" and mode is None and self.model.norm.weight.device.type == "cpu":
+        if backend == "inductor" and mode is None and self.device.type == "cpu":
             if pack is not False:
                 fast.pack_linears(self)
             backend, kwargs = fast.one_row_backend, dict(options=options)
@@ -287,20 +287,33 @@ class Transformer(nn.Module):
         self._compiled_for, self._checked_at = self._structure(), None
         return self
 
+    def warm_up_decode(self, batch_sizes: tuple[int, ...] = (1, 2, 3)) -> "Transformer":
+        """Run the compiled step at every shape class a server meets, so that no request waits for
+        the compiler: batch 1 and batches of 2+ (one graph dynamic in the batch), each with a first
+        short cache, a longer one (dynamic in the number of keys) and, with a window, a full one."""
+        window = self.args.sliding_window
+        lengths = [2, 17] + ([window + 1] if window else [])
+        with torch.inference_mode():
+            for b in batch_sizes:
+                for n in lengths:
+                    _, cache = self(torch.ones(b, n, dtype=torch.long, device=self.device))
+                    self(torch.ones(b, 1, dtype=torch.long, device=self.device), cache=cache)
+        return self
+
     def _structure(self) -> tuple:
         """What the compiled step assumed about the model: its modules and their dtype."""
-        return (self.model.norm.weight.dtype, self.model.norm.weight.device, *map(id, self.modules()))
+        return (self.dtype, self.device, *map(id, self.modules()))
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: RollingKVCache) -> torch.Tensor:
-        w = self.model.norm.weight
-        if (_module_registrations, w.dtype, w.device) != self._checked_at:  # something changed somewhere
-            self._checked_at = (_module_registrations, w.dtype, w.device)
+        seen = (_module_registrations, self.dtype, self.device)
+        if seen != self._checked_at:  # something changed somewhere since the last step
+            self._checked_at = seen
             if self._structure() != self._compiled_for:  # here: modules swapped or cast since compiling
                 self.compile_decode(*self._compile_args)
         new_length = max(cache.length, int(positions.max()) + 1)
         self._check_length(new_length)
         cache.reserve(cache.capacity)  # fixed buffer shapes: no recompilation as the cache grows
-        static = self._decode_mode == "reduce-overhead"
+        static = self._compile_args[0] == "reduce-overhead"
         step = cache.plan(positions, cache.capacity if static else new_length)
         if step.k_pos.shape[-1] > 1:  # the number of keys varies: one graph for every length
             torch._dynamo.mark_dynamic(step.k_pos, -1)

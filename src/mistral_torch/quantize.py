@@ -40,6 +40,7 @@ stays near the quantized size instead of the float size.
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import functools
 import hashlib
@@ -467,7 +468,7 @@ def _kernel_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, abc.ABC):
     """Base of the quantized linears: same `in_features`/`out_features` as the nn.Linear it
     replaces, `dequantize()` -> its float weight, quantization buffers that keep their dtype
     through `model.to(dtype)`, and `dtype` = the activations' (and embeddings' output) dtype."""
@@ -490,11 +491,13 @@ class QuantizedLinear(nn.Module):
         return self
 
     @classmethod
+    @abc.abstractmethod
     def from_linear(cls, linear: nn.Module, **kwargs: Any) -> "QuantizedLinear":
-        raise NotImplementedError
+        """Quantize an `nn.Linear` (or `nn.Embedding`) into this layout."""
 
+    @abc.abstractmethod
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """The float weight (N, K) this module stands for."""
 
     def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows `rows` of the float weight (an embedding lookup)."""
@@ -807,11 +810,6 @@ def _targets(model: nn.Module, embeddings: bool) -> list[tuple[str, nn.Module, b
     return out
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def quantize_model(model: Transformer, method: str, group_size: int | None = None, *,
                    embeddings: bool = True) -> Transformer:
     """Quantize `model` in place (every nn.Linear, and the token embedding unless
@@ -831,7 +829,7 @@ def quantize_model(model: Transformer, method: str, group_size: int | None = Non
             kw = {"group_size": group_size, "use_kernel": not is_emb} if method == "int4" else {}
             q = cls.from_linear(module, **kw)
             q.dtype = dtype
-            _swap(model, name, q)
+            model.set_submodule(name, q)
     model.quantization = quantization_record(method, group_size, embeddings)
     return model
 
@@ -918,7 +916,7 @@ def _skeleton(args: ModelArgs, method: str, group_size: int | None, embeddings: 
         _check_shape(name, method, group_size, k, n)
         cls = (EMBEDDING_CLASSES if is_emb else LINEAR_CLASSES)[method]
         kw = {"group_size": group_size, "use_kernel": not is_emb} if method == "int4" else {}
-        _swap(model, name, cls(k, n, dtype=dtype, device=device, **kw))
+        model.set_submodule(name, cls(k, n, dtype=dtype, device=device, **kw))
     model.quantization = quantization_record(method, group_size, embeddings)
     return model
 

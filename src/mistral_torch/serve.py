@@ -32,9 +32,9 @@ one (B, 1) step: each query sees only its own row's keys, through the cache's ma
 Joining: the newcomers are prefilled together in a fresh cache of their own (left-padded, the
 padding at position -1 is never stored nor attended), exactly as `TokenGenerator` prefills a
 batch. Their cache rows are then appended to the running cache (`RollingKVCache.append_rows`).
-That is exact because a row's slots depend only on that row: with a sliding window both caches hold `window`
-slots written at `pos % window`; without one a cache never wraps (slot = position), so the
-smaller cache is padded with empty slots (-1) to the larger capacity first.
+That is exact because a row's slots depend only on that row: with a sliding window both caches
+hold `window` slots written at `pos % window`; without one a cache never wraps (slot =
+position), so the smaller cache is padded with empty slots (-1) to the larger capacity first.
 Leaving: the rows that remain are selected (`RollingKVCache.select_rows`), as `TokenGenerator`
 drops rows.
 
