@@ -110,7 +110,7 @@ def build(args: argparse.Namespace, dtype: str) -> Transformer:
 
 
 def compile_step(model: Transformer, args: argparse.Namespace, prompt: torch.Tensor) -> tuple[Callable, float]:
-    """The compiled decode step and its warm-up time (first two compiled generations, which compile)."""
+    """The compiled decode step and its warm-up time (a first short generation, which compiles)."""
     mode = "reduce-overhead" if args.device.startswith("cuda") else None
     model.compile_decode(mode=mode)
     fn = model._decode_step

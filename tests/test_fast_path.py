@@ -48,9 +48,24 @@ def test_inductor_compiled_decode_far_past_the_window():
     counters.clear()
     fast, _ = decode(model, tokens, 3)
     assert (fast - plain).abs().max() <= TOL
-    # The first length, then one graph for every length, then the full buffer (which the
-    # compiler specialises as contiguous): not one compilation per position.
-    assert counters["stats"]["unique_graphs"] <= 3
+    # One graph for every position: the short cache, the full window, and after it wraps.
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_inductor_compiled_decode_while_buffers_grow():
+    """Without a window the buffers grow (GROW slots, then doubling) as the sequence lengthens:
+    still one graph, and the cache keeps only what the sequence needs (no full-capacity buffers)."""
+    torch._dynamo.reset()
+    model = tiny_model(seed=18, sliding_window=None, max_seq_len=4 * GROW)
+    tokens = torch.randint(0, 512, (1, GROW + 30), generator=torch.Generator().manual_seed(19))
+    plain, _ = decode(model, tokens, GROW - 30)
+    model.compile_decode()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    fast, cache = decode(model, tokens, GROW - 30)
+    assert (fast - plain).abs().max() <= TOL
+    assert counters["stats"]["unique_graphs"] == 1
+    assert cache.allocated == 2 * GROW < cache.capacity
 
 
 def test_compiled_generation_equals_plain_with_ragged_batch():

@@ -97,6 +97,8 @@ def test_engine_joins_and_leaves_exactly(tokenizer, window, long, compiled):
     if compiled:  # the server's --compile: inductor, packed linears, every shape class compiled first
         torch._dynamo.reset()
         model.compile_decode().warm_up_decode()
+        from torch._dynamo.utils import counters
+        counters.clear()
     engine = Engine(model, tokenizer, max_batch_size=3, max_queue=10)
     rng = random.Random(0)
     prompts = [[tokenizer.bos_id] + [rng.randrange(3, 32000) for _ in range(n)] for n in (3, 20, 7, 1, 13, long, 5)]
@@ -112,6 +114,8 @@ def test_engine_joins_and_leaves_exactly(tokenizer, window, long, compiled):
         engine.step()
         step += 1
     assert engine.idle
+    if compiled:  # the warm-up compiled every shape class the engine met: no request waited
+        assert counters["stats"]["unique_graphs"] == 0
     model._decode_step = None  # the references: plain eager decoding
     for i, p in enumerate(prompts):
         alone = generate_ids(model, [p], max_new_tokens=lengths[i], temperature=0.0, ignore_eos=True)[0]

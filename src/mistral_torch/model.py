@@ -257,10 +257,10 @@ class Transformer(nn.Module):
         """Compile the one-token decode step (used under `torch.no_grad`/`inference_mode`).
 
         Only `_run` is compiled; the cache bookkeeping around it stays eager. On CPU the step
-        attends to the filled part of the cache (a dynamic length, so one compilation serves every
-        position); with `mode="reduce-overhead"` (CUDA graphs) it attends to the whole buffer, so
-        every step has the same shapes. The first steps compile: tens of seconds on a CPU, again
-        for each new batch size.
+        attends to the allocated part of the cache buffers, which grow with the sequence (a dynamic
+        length, so one compilation serves every position); with `mode="reduce-overhead"` (CUDA
+        graphs) the buffers start at full capacity, so every step has the same shapes. The first
+        step compiles: 10-25 s on a CPU, again for batch 1 vs larger batches.
 
         On CPU, `pack` (default: where oneDNN supports the dtype) swaps the linears for
         `fast.PackedLinear`, which also speeds up eager prefill and costs one extra copy of the
@@ -284,20 +284,17 @@ class Transformer(nn.Module):
         run = Transformer._run
         own_run = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, run.__defaults__)
         self._decode_step = torch.compile(types.MethodType(own_run, self), backend=backend, **kwargs)
-        self._compiled_for, self._checked_at = self._structure(), None
+        self._compiled_for, self._checked_at, self._dynamic_buffers = self._structure(), None, None
         return self
 
     def warm_up_decode(self, batch_sizes: tuple[int, ...] = (1, 2, 3)) -> "Transformer":
         """Run the compiled step at every shape class a server meets, so that no request waits for
-        the compiler: batch 1 and batches of 2+ (one graph dynamic in the batch), each with a first
-        short cache, a longer one (dynamic in the number of keys) and, with a window, a full one."""
-        window = self.args.sliding_window
-        lengths = [2, 17] + ([window + 1] if window else [])
+        the compiler: batch 1, and batches of 2+ (the second size makes the graph dynamic in the
+        batch). Every cache length shares one graph (see `_decode`)."""
         with torch.inference_mode():
             for b in batch_sizes:
-                for n in lengths:
-                    _, cache = self(torch.ones(b, n, dtype=torch.long, device=self.device))
-                    self(torch.ones(b, 1, dtype=torch.long, device=self.device), cache=cache)
+                _, cache = self(torch.ones(b, 2, dtype=torch.long, device=self.device))
+                self(torch.ones(b, 1, dtype=torch.long, device=self.device), cache=cache)
         return self
 
     def _structure(self) -> tuple:
@@ -312,11 +309,18 @@ class Transformer(nn.Module):
                 self.compile_decode(*self._compile_args)
         new_length = max(cache.length, int(positions.max()) + 1)
         self._check_length(new_length)
-        cache.reserve(cache.capacity)  # fixed buffer shapes: no recompilation as the cache grows
+        # The step attends to every allocated slot (empty ones are masked), so that the number of
+        # keys is the buffer length: one dynamic size, one graph while the buffers grow. CUDA graphs
+        # (reduce-overhead) need fixed shapes: there the buffers start at full capacity.
         static = self._compile_args[0] == "reduce-overhead"
-        step = cache.plan(positions, cache.capacity if static else new_length)
-        if step.k_pos.shape[-1] > 1:  # the number of keys varies: one graph for every length
-            torch._dynamo.mark_dynamic(step.k_pos, -1)
+        cache.reserve(cache.capacity if static else new_length)
+        step = cache.plan(positions, max(new_length, cache.allocated))
+        if not static and cache.allocated > 1:
+            torch._dynamo.mark_dynamic(step.k_pos, 1)
+            if id(cache.k[0]) != self._dynamic_buffers:  # a new cache, or grown buffers
+                for t in (*cache.k, *cache.v):
+                    torch._dynamo.mark_dynamic(t, 2)
+                self._dynamic_buffers = id(cache.k[0])
         logits = self._decode_step(tokens, positions, step, False)
         cache.commit(step, new_length)
         return logits
