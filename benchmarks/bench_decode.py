@@ -47,12 +47,12 @@ def ours(model: Transformer, prompt: torch.Tensor, new: int, compiled: Callable 
         sync(dev)
         t0 = time.perf_counter()
         logits, cache = model(prompt, last_logits_only=True)
-        tok = logits[:, -1].argmax(-1, keepdim=True)
+        tok = common.greedy(logits)
         sync(dev)
         t1 = time.perf_counter()
         for _ in range(new - 1):
             logits, cache = model(tok, cache=cache)
-            tok = logits[:, -1].argmax(-1, keepdim=True)
+            tok = common.greedy(logits)
         sync(dev)
         t2 = time.perf_counter()
     model._decode_step = None
@@ -72,13 +72,13 @@ def transformers_run(hf, prompt: torch.Tensor, new: int, static: bool = False) -
         P = prompt.shape[1]
         kw = dict(cache_position=torch.arange(P, device=prompt.device)) if static else {}
         out = hf(input_ids=prompt, past_key_values=past, use_cache=True, logits_to_keep=1, **kw)
-        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        past, tok = out.past_key_values, common.greedy(out.logits)
         sync(dev)
         t1 = time.perf_counter()
         for i in range(new - 1):
             kw = dict(cache_position=torch.tensor([P + i], device=prompt.device)) if static else {}
             out = hf(input_ids=tok, past_key_values=past, use_cache=True, **kw)
-            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            past, tok = out.past_key_values, common.greedy(out.logits)
         sync(dev)
         t2 = time.perf_counter()
     return {"ttft_s": t1 - t0, "tok_s": prompt.shape[0] * (new - 1) / (t2 - t1)}

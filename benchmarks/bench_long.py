@@ -40,7 +40,7 @@ def burst(model, tok: torch.Tensor, cache, n: int) -> tuple[float, torch.Tensor]
     t0 = time.perf_counter()
     for _ in range(n):
         logits, cache = model(tok, cache=cache)
-        tok = logits[:, -1].argmax(-1, keepdim=True)
+        tok = common.greedy(logits)
     return n / (time.perf_counter() - t0), tok
 
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         short_prompt = torch.randint(3, a.vocab_size, (1, args.short), generator=g)
         logits, short = model(short_prompt, last_logits_only=True)
-        tok_s = logits[:, -1].argmax(-1, keepdim=True)
+        tok_s = common.greedy(logits)
         t0 = time.perf_counter()
         burst(model, tok_s, short, 4)  # warm-up (compiles with --compile)
         warmup = time.perf_counter() - t0
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pos = 0
         if args.decode_all:
             logits, long = model(short_prompt, cache=long, last_logits_only=True)
-            tok_l, pos = logits[:, -1].argmax(-1, keepdim=True), args.short
+            tok_l, pos = common.greedy(logits), args.short
             while pos < args.long:
                 n = min(1024, args.long - pos)
                 rate, tok_l = burst(model, tok_l, long, n)
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 memory.append(dict(position=pos, rss_MB=rss() / 2**20, cache_MB=long.nbytes() / 2**20))
                 print(f"  prefilled to {pos}: RSS {rss() / 2**20:.0f} MB, cache {long.nbytes() / 2**20:.0f} MB",
                       file=sys.stderr, flush=True)
-            tok_l = logits[:, -1].argmax(-1, keepdim=True)
+            tok_l = common.greedy(logits)
         near, far = [], []
         for _ in range(args.repeats):
             r, tok_s = burst(model, tok_s, short, args.burst)

@@ -310,6 +310,12 @@ def _llama_worker(path: str, n_ctx: int, threads: int, n_batch: int) -> None:
         print(json.dumps(out), flush=True)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Next token (B, 1) from logits (B, T, V), as `generate` picks it: argmax over fp32 (a bf16
+    argmax over 32k logits costs ~0.1 ms a row on this CPU, 5x the fp32 one)."""
+    return logits[:, -1].float().argmax(-1, keepdim=True)
+
+
 def time_it(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
