@@ -326,7 +326,8 @@ class Engine:
 
     def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """Next token of every row (B,) from last-position logits (B, V); emit their events."""
-        tokens = logits.float().argmax(dim=-1)  # a bf16 argmax is ~5x slower on CPU
+        logits = logits.float()  # once, for the argmax (~5x slower over bf16 on CPU) and the logprobs
+        tokens = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
             if not row.greedy:
                 gens = [row.generator] if row.generator is not None else None
@@ -335,7 +336,7 @@ class Engine:
                 row.seen[0, tokens[i]] = True
         logprobs = None
         if any(r.job.logprobs is not None for r in rows):
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            logprobs = torch.log_softmax(logits, dim=-1)
         for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
             if not row.job.cancelled:
                 self._emit(row, token, None if logprobs is None else logprobs[i])
