@@ -5,13 +5,17 @@ Decode streams every weight once per step, so its speed is how fast the weights 
 - One row (batch-1 decode, compiled): a `(1, K) @ (K, N)` matmul written as a multiply-sum that
   inductor fuses into one vectorised reduction over the weight rows (`one_row_backend`). On this
   project's CPUs it reads fp32 weights ~1.7x faster than the BLAS gemv.
-- Several rows (batched decode, prefill): oneDNN with the weight reordered once into its blocked
-  layout (`PackedLinear`). For 8 rows it is ~3x faster than MKL's sgemm here, and 2.5x for a
-  64-token prefill (README, Speed). For one row it loses to the fused reduction (per-call cost).
+- Several rows (batched decode, prefill): `PackedLinear`, the fastest multi-row matmul this CPU
+  has for the weight's dtype (`multi_row_kernel`): oneDNN with the weight reordered once into its
+  blocked layout where oneDNN runs the dtype natively (fp32 everywhere; bf16/fp16 with AVX-512
+  BF16/FP16 or AMX), else, for bf16/fp16 on CPUs without such hardware (AVX2), an fp32 matmul on a
+  weight upcast block by block per call, from 16 rows: there the low-precision GEMM is 2x
+  (16 rows) to 5.6x (512 rows) slower (README, Speed). For one row the fused reduction wins.
 
-`PackedLinear` is an `nn.Linear` (same parameter, same state-dict key) that also holds the packed
-copy, so packing costs one extra copy of the linear weights. It repacks when the weight changes
-(in-place update, load_state_dict, LoRA merge) and uses the plain weight whenever autograd needs it.
+`PackedLinear` is an `nn.Linear` (same parameter, same state-dict key). The oneDNN kind also holds
+the packed copy, so packing costs one extra copy of the linear weights; it repacks when the
+weight changes (in-place update, load_state_dict, LoRA merge). Whenever autograd needs the
+weight, the plain `F.linear` runs.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 _MODULES: dict[int, weakref.ref] = {}  # handle -> PackedLinear, for the compiled graph's custom op
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)
 def packing_supported(dtype: torch.dtype, device_type: str = "cpu") -> bool:
-    """Whether oneDNN can run packed linears of `dtype` on this machine."""
+    """Whether oneDNN can run packed linears of `dtype` natively on this machine."""
     if device_type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.float32:
@@ -38,6 +43,17 @@ def packing_supported(dtype: torch.dtype, device_type: str = "cpu") -> bool:
     if dtype == torch.float16:
         return torch.ops.mkldnn._is_mkldnn_fp16_supported()
     return False
+
+
+def multi_row_kernel(dtype: torch.dtype, device_type: str = "cpu") -> str | None:
+    """How `PackedLinear` multiplies several rows: "onednn" (packed weight), "upcast" (fp32 matmul
+    on the weight upcast per call, from `UPCAST_MIN_ROWS` rows: bf16/fp16 without native
+    hardware), or None (plain F.linear)."""
+    if packing_supported(dtype, device_type):
+        return "onednn"
+    if device_type == "cpu" and dtype in _LOW_PRECISION:
+        return "upcast"
+    return None
 
 
 # `mistral_torch::packed_linear`, defined with a plain `Library` rather than `custom_op`: the op
@@ -62,8 +78,24 @@ def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+UPCAST_BLOCK = 2**21  # weight elements upcast at a time: an 8 MB fp32 block, reused by the allocator
+UPCAST_MIN_ROWS = 16  # below this, upcasting costs more than the low-precision GEMM saves (8 rows: level)
+
+
+def upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`x @ w.t()` in fp32 for a low-precision `w`, upcast a block of rows at a time (a whole 7B
+    matrix at once would be a 235 MB temporary, and fresh large allocations cost page faults)."""
+    xf = x.reshape(-1, x.shape[-1]).float()
+    rows = max(1, UPCAST_BLOCK // w.shape[1])
+    if rows >= w.shape[0]:
+        y = F.linear(xf, w.float())
+    else:
+        y = torch.cat([F.linear(xf, block.float()) for block in w.split(rows)], dim=1)
+    return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
+
+
 class PackedLinear(nn.Linear):
-    """`nn.Linear` (no bias) that runs inference matmuls on a oneDNN-packed copy of its weight."""
+    """`nn.Linear` (no bias) that runs inference matmuls of several rows through `multi_row_kernel`."""
 
     _next_handle = 0
 
@@ -98,7 +130,10 @@ class PackedLinear(nn.Linear):
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if not packing_supported(w.dtype, w.device.type):  # cast to a dtype oneDNN cannot run
+        kernel = multi_row_kernel(w.dtype, w.device.type)  # per call: the module may have been cast
+        if kernel == "upcast" and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
+            return upcast_linear(x, w)
+        if kernel != "onednn":
             return F.linear(x, w)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self._packed_weight(), None, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
@@ -113,7 +148,7 @@ class PackedLinear(nn.Linear):
         return self.packed_forward(x)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", packed=oneDNN"
+        return super().extra_repr() + f", rows>1: {multi_row_kernel(self.weight.dtype, self.weight.device.type)}"
 
 
 def _version(t: torch.Tensor) -> int:
@@ -126,10 +161,10 @@ def _version(t: torch.Tensor) -> int:
 def pack_linears(model: nn.Module) -> int:
     """Swap every plain `nn.Linear` of `model` for a `PackedLinear` (in place); returns how many.
 
-    Nothing happens for dtypes or devices oneDNN cannot run (see `packing_supported`).
+    Nothing happens where no faster multi-row kernel exists (see `multi_row_kernel`).
     """
     return _replace(model, lambda m: type(m) is nn.Linear and m.bias is None
-                    and packing_supported(m.weight.dtype, m.weight.device.type), PackedLinear.from_linear)
+                    and multi_row_kernel(m.weight.dtype, m.weight.device.type) is not None, PackedLinear.from_linear)
 
 
 def unpack_linears(model: nn.Module) -> int:

@@ -76,13 +76,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Attention of one query per row, q (B, nh, 1, hd), over k, v (B, nkv, S, hd) with an additive
-    bias (B, 1, 1, S): two matmuls over the grouped heads (no K/V copy per query head). At one
-    query the CPU flash kernel costs ~4 ms per layer at S = 4096; this reads K and V once."""
+    bias (B, 1, 1, S). The query heads that share a kv head become that head's `group` queries
+    (all at the same position, so one bias row serves them), and SDPA reads K and V once per kv
+    head. On an AVX2 CPU at S = 4096 this is 8x faster than two bf16 matmuls (no bf16 hardware)
+    and level with fp32 ones; with one query per head, SDPA would read K and V once per query head."""
     B, nh, _, hd = q.shape
     nkv = k.shape[1]
     qg = q.reshape(B, nkv, nh // nkv, hd)  # query heads grouped by the kv head they share
-    scores = (qg @ k.transpose(-1, -2)).float() * hd ** -0.5 + bias  # (B, nkv, group, S)
-    y = scores.softmax(-1).to(v.dtype) @ v  # (B, nkv, group, hd)
+    y = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias)  # (B, nkv, group, hd)
     return y.reshape(B, nh, 1, hd)
 
 
