@@ -140,6 +140,38 @@ def test_packed_linear_follows_weight_updates_and_autograd():
     assert torch.allclose(packed.weight.grad, x.sum(0).expand(16, 32))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_upcast_linear_equals_fp32_matmul_block_by_block(dtype, monkeypatch):
+    """bf16/fp16 weights multiplied in fp32, in one piece or in row blocks (a small block here):
+    the blocks may round a sum differently, by at most one unit of the low precision."""
+    torch.manual_seed(2)
+    w = (torch.randn(40, 96) * 0.1).to(dtype)
+    x = torch.randn(2, 17, 96).to(dtype)
+    want = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+    whole = fast.upcast_linear(x, w)
+    monkeypatch.setattr(fast, "UPCAST_BLOCK", 96 * 7)  # 7 rows a block: 6 blocks, the last short
+    blocks = fast.upcast_linear(x, w)
+    assert whole.shape == blocks.shape == (2, 17, 40) and whole.dtype == dtype
+    assert torch.equal(whole, want)
+    ulp = 2.0 ** -(7 if dtype == torch.bfloat16 else 10)
+    assert torch.allclose(blocks.float(), want.float(), rtol=ulp, atol=1e-6)
+
+
+@pytest.mark.skipif(fast.multi_row_kernel(torch.bfloat16) != "upcast", reason="this CPU runs bf16 natively")
+def test_packed_bf16_linear_upcasts_from_min_rows():
+    """Without bf16 hardware, 16+ rows go through the fp32 upcast; fewer rows stay bf16 (F.linear)."""
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    packed = fast.PackedLinear.from_linear(linear)
+    with torch.no_grad():
+        for rows in (fast.UPCAST_MIN_ROWS - 1, fast.UPCAST_MIN_ROWS, 100):
+            x = torch.randn(rows, 64).to(torch.bfloat16)
+            upcast = torch.nn.functional.linear(x.float(), linear.weight.float()).to(torch.bfloat16)
+            want = upcast if rows >= fast.UPCAST_MIN_ROWS else torch.nn.functional.linear(x, linear.weight)
+            assert torch.equal(packed(x), want), rows
+    assert "upcast" in repr(packed)
+
+
 @needs_onednn
 def test_pack_linears_keeps_state_dict_and_logits():
     model = tiny_model(seed=21, sliding_window=8)

@@ -263,9 +263,11 @@ class Transformer(nn.Module):
         graphs) the buffers start at full capacity, so every step has the same shapes. The first
         step compiles: 10-25 s on a CPU, again for batch 1 vs larger batches.
 
-        On CPU, `pack` (default: where oneDNN supports the dtype) swaps the linears for
-        `fast.PackedLinear`, which also speeds up eager prefill and costs one extra copy of the
-        linear weights; one-row matmuls are fused reductions (`fast.one_row_backend`).
+        On CPU, `pack` (default: where a faster multi-row kernel exists, `fast.multi_row_kernel`)
+        swaps the linears for `fast.PackedLinear`, which also speeds up eager prefill: oneDNN-packed
+        (one extra copy of the linear weights), or for bf16/fp16 without native hardware, upcast
+        to fp32 block by block (no copy kept); one-row matmuls are fused reductions
+        (`fast.one_row_backend`).
         Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
         """
