@@ -100,13 +100,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "memory": memory, "rates": rates, "peak_rss_MB": common.peak_rss() / 2**20,
     }
     result["ratio_far_near"] = result["tok_s_far"] / result["tok_s_near"]
+    # Growth = last minus first checkpoint once the window is full (the allocator's churn makes
+    # single checkpoints move both ways; the range is kept beside it).
     after = [m["rss_MB"] for m in memory if m["position"] >= args.window]
-    result["rss_growth_after_window_MB"] = max(after) - min(after) if after else None
+    result["rss_growth_after_window_MB"] = after[-1] - after[0] if after else None
+    result["rss_range_after_window_MB"] = [min(after), max(after)] if after else None
     rows = [dict(position=f"~{result['position_near']}", tok_s=result["tok_s_near"]),
             dict(position=f"~{result['position_far']}", tok_s=result["tok_s_far"])]
     print(common.table(rows, [("position", "position", "s"), ("tok_s", f"decode tok/s ({args.dtype})", ".1f")]))
-    print(f"ratio far/near: {result['ratio_far_near']:.2f}; RSS growth after the window: "
-          f"{result['rss_growth_after_window_MB']:.0f} MB; cache {memory[-1]['cache_MB']:.0f} MB")
+    if after:
+        print(f"ratio far/near: {result['ratio_far_near']:.2f}; RSS growth after the window: "
+              f"{result['rss_growth_after_window_MB']:+.0f} MB (range {min(after):.0f}-{max(after):.0f} MB); "
+              f"cache {memory[-1]['cache_MB']:.0f} MB")
     return result
 
 
