@@ -109,8 +109,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dict(position=f"~{result['position_far']}", tok_s=result["tok_s_far"])]
     print(common.table(rows, [("position", "position", "s"), ("tok_s", f"decode tok/s ({args.dtype})", ".1f")]))
     if after:
+        lo, hi = result["rss_range_after_window_MB"]
         print(f"ratio far/near: {result['ratio_far_near']:.2f}; RSS growth after the window: "
-              f"{result['rss_growth_after_window_MB']:+.0f} MB (range {min(after):.0f}-{max(after):.0f} MB); "
+              f"{result['rss_growth_after_window_MB']:+.0f} MB (range {lo:.0f}-{hi:.0f} MB); "
               f"cache {memory[-1]['cache_MB']:.0f} MB")
     return result
 

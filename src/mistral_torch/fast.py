@@ -45,6 +45,7 @@ def packing_supported(dtype: torch.dtype, device_type: str = "cpu") -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
 def multi_row_kernel(dtype: torch.dtype, device_type: str = "cpu") -> str | None:
     """How `PackedLinear` multiplies several rows: "onednn" (packed weight), "upcast" (fp32 matmul
     on the weight upcast per call, from `UPCAST_MIN_ROWS` rows: bf16/fp16 without native
