@@ -68,6 +68,22 @@ def test_inductor_compiled_decode_while_buffers_grow():
     assert cache.allocated == 2 * GROW < cache.capacity
 
 
+def test_inductor_compiled_decode_while_buffers_grow_to_the_window():
+    """One row whose buffers grow until they hold the whole window: the slot positions keep the
+    same layout at every size, so the step is not compiled a second time (a 20-60 s stall)."""
+    torch._dynamo.reset()
+    model = tiny_model(seed=20, sliding_window=2 * GROW)
+    tokens = torch.randint(0, 512, (1, GROW + 30), generator=torch.Generator().manual_seed(21))
+    plain, _ = decode(model, tokens, GROW - 30)
+    model.compile_decode()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    fast, cache = decode(model, tokens, GROW - 30)
+    assert (fast - plain).abs().max() <= TOL
+    assert cache.allocated == cache.capacity == 2 * GROW
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_compiled_generation_equals_plain_with_ragged_batch():
     model = tiny_model(seed=15, sliding_window=8)
     prompts = [[5, 9, 42], list(range(3, 23)), [7] * 11]

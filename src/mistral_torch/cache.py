@@ -151,10 +151,12 @@ class RollingKVCache:
         index = self._write_index(q_pos)
         if T == 1 or not wraps:
             used = min(new_length, self.capacity)
-            rows, cols, slots = index
-            k_pos = self.slot_pos.clone()
+            rows, cols, slots = index  # every slot < used: slot = position % capacity < new_length
+            # Canonical strides (used, 1) even for one row, whose slice `.contiguous()` keeps the
+            # stride (capacity, 1): a compiled step would otherwise recompile once `used` reaches it.
+            k_pos = self.slot_pos[:, :used].clone(memory_format=torch.contiguous_format)
             k_pos[rows, slots] = q_pos[rows, cols]
-            return CacheStep(self, q_pos, k_pos[:, :used].contiguous(), index, write_first=True, used=used)
+            return CacheStep(self, q_pos, k_pos, index, write_first=True, used=used)
         if self.length == 0:  # nothing cached yet: the chunk attends only to itself
             return CacheStep(self, q_pos, q_pos, index, write_first=False, used=0)
         k_pos = torch.cat([self.slot_pos, q_pos], dim=1)
