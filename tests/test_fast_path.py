@@ -188,6 +188,33 @@ def test_packed_bf16_linear_upcasts_from_min_rows():
     assert "upcast" in repr(packed)
 
 
+@pytest.mark.skipif(fast.multi_row_kernel(torch.bfloat16) != "upcast", reason="this CPU runs bf16 natively")
+def test_plain_bf16_model_upcasts_linears_of_inference_forwards(monkeypatch):
+    """The plain (unpacked) bf16 model: an inference forward of 16+ rows multiplies every linear in
+    fp32 (`fast.upcast_linears`), with the logits of the packed model; fewer rows, or autograd, do not."""
+    model = tiny_model(seed=23, sliding_window=8).to(torch.bfloat16)
+    packed = tiny_model(seed=23, sliding_window=8).to(torch.bfloat16)
+    fast.pack_linears(packed)
+    calls = []
+    upcast = fast.upcast_linear
+    monkeypatch.setattr(fast, "upcast_linear", lambda x, w: calls.append(w.shape) or upcast(x, w))
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(24))  # 24 rows
+    linears = 7 * model.args.n_layers + 1
+    with torch.inference_mode():
+        for use_cache in (True, False):
+            calls.clear()
+            got, _ = model(tokens, use_cache=use_cache)
+            assert len(calls) == linears, use_cache
+            calls.clear()
+            want, _ = packed(tokens, use_cache=use_cache)
+            assert len(calls) == linears and torch.equal(got, want)
+        calls.clear()
+        model(tokens[:1, :fast.UPCAST_MIN_ROWS - 1])
+        assert calls == []
+    model(tokens)  # autograd on: the plain bf16 matmul, which has a backward
+    assert calls == []
+
+
 @needs_onednn
 def test_pack_linears_keeps_state_dict_and_logits():
     model = tiny_model(seed=21, sliding_window=8)

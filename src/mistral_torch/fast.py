@@ -20,12 +20,14 @@ weight, the plain `F.linear` runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 _MODULES: dict[int, weakref.ref] = {}  # handle -> PackedLinear, for the compiled graph's custom op
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -93,6 +95,29 @@ def upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     else:
         y = torch.cat([F.linear(xf, block.float()) for block in w.split(rows)], dim=1)
     return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
+
+
+class UpcastLinears(TorchFunctionMode):
+    """While active, `F.linear` on a bf16/fp16 weight (no bias) with `UPCAST_MIN_ROWS` rows or more
+    runs as `upcast_linear`: the plain (unpacked) model's prefill gets the fast kernel too."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2:
+            x, w = args[:2]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if bias is None and w.dtype in _LOW_PRECISION and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
+                return upcast_linear(x, w)  # the mode is off inside its own handler: no recursion
+        return func(*args, **kwargs)
+
+
+def upcast_linears(dtype: torch.dtype, device_type: str, rows: int) -> contextlib.AbstractContextManager:
+    """`UpcastLinears()` for an eager inference forward of `rows` rows on `dtype` weights where
+    upcasting is the faster multi-row kernel (`multi_row_kernel`), else a context that does nothing."""
+    if (rows >= UPCAST_MIN_ROWS and multi_row_kernel(dtype, device_type) == "upcast"
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        return UpcastLinears()
+    return contextlib.nullcontext()
 
 
 class PackedLinear(nn.Linear):

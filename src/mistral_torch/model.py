@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast
 from .args import ModelArgs
 from .cache import CacheStep, RollingKVCache, attention_bias, attention_mask
 
@@ -227,7 +228,8 @@ class Transformer(nn.Module):
             elif positions.shape != tokens.shape:
                 raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens shape {tuple(tokens.shape)}")
             self._check_length(int(positions.max()) + 1)
-            return self._run(tokens, positions, None, last_logits_only, mask_from_positions=explicit), None
+            with fast.upcast_linears(self.dtype, self.device.type, B * T):
+                return self._run(tokens, positions, None, last_logits_only, mask_from_positions=explicit), None
         if cache is None:
             cache = self.new_cache(B)
         elif cache.batch_size != B:
@@ -238,6 +240,14 @@ class Transformer(nn.Module):
             raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens shape {tuple(tokens.shape)}")
         if T == 1 and self._decode_step is not None and not torch.is_grad_enabled():
             return self._decode(tokens, positions, cache), cache
+        with fast.upcast_linears(self.dtype, self.device.type, B * T):  # bf16 on CPUs without bf16 GEMMs
+            return self._prefill(tokens, positions, cache, last_logits_only), cache
+
+    def _prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: RollingKVCache,
+                 last_logits_only: bool) -> torch.Tensor:
+        """Run (B, T) tokens through the cache in chunks (the window, at least MIN_PREFILL_CHUNK)."""
+        a = self.args
+        T = tokens.shape[1]
         chunk = max(a.sliding_window, MIN_PREFILL_CHUNK) if a.sliding_window else T
         outs = []
         for s in range(0, T, chunk):
@@ -250,7 +260,7 @@ class Transformer(nn.Module):
             else:
                 outs.append(self._run(tok, pos, step, last_logits_only))
             cache.commit(step, new_length)
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), cache
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     # ------------------------------------------------------------------ compiled decode
     def compile_decode(self, mode: str | None = None, options: dict | None = None,
@@ -271,8 +281,6 @@ class Transformer(nn.Module):
         Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
         """
-        from . import fast
-
         self._compile_args = (mode, options, backend, pack)
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
         if backend == "inductor" and mode is None and self.device.type == "cpu":
