@@ -1,6 +1,8 @@
 """The decode fast path: compiled one-token steps, growing cache buffers and the additive mask
 give the same logits as the plain path and as transformers (tiny configs, CPU)."""
 
+import os
+
 import pytest
 import torch
 
@@ -82,6 +84,23 @@ def test_inductor_compiled_decode_while_buffers_grow_to_the_window():
     assert (fast - plain).abs().max() <= TOL
     assert cache.allocated == cache.capacity == 2 * GROW
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.skipif(os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1", reason="inductor caches disabled")
+def test_compiled_step_is_served_from_inductor_caches():
+    """The compiled step is stock inductor over plain torch ops, so its on-disk caches work: a second
+    compilation (a new process, here a reset) loads the code instead of generating it again."""
+    from torch._dynamo.utils import counters
+    tokens = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(26))
+    outs = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        model = tiny_model(seed=25, sliding_window=8).compile_decode()
+        outs.append(decode(model, tokens, 4)[0])
+        assert counters["inductor"]["fxgraph_cache_bypass"] == 0
+    assert counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"] >= 1
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_compiled_generation_equals_plain_with_ragged_batch():

@@ -2,9 +2,11 @@
 
 Decode streams every weight once per step, so its speed is how fast the weights are read:
 
-- One row (batch-1 decode, compiled): a `(1, K) @ (K, N)` matmul written as a multiply-sum that
-  inductor fuses into one vectorised reduction over the weight rows (`one_row_backend`). On this
-  project's CPUs it reads fp32 weights ~1.7x faster than the BLAS gemv.
+- One row (batch-1 decode, compiled): `PackedLinear` writes `x @ W.t()` as a multiply-sum
+  (`one_row_linear`) that inductor fuses into one vectorised reduction over the weight rows,
+  together with the norm or activation before it. On this project's CPUs it reads fp32 weights
+  ~1.7x faster than the BLAS gemv. Being plain torch ops, the compiled step is stock inductor,
+  whose on-disk caches then serve later processes (a 25 s compilation becomes ~5 s).
 - Several rows (batched decode, prefill): `PackedLinear`, the fastest multi-row matmul this CPU
   has for the weight's dtype (`multi_row_kernel`): oneDNN with the weight reordered once into its
   blocked layout where oneDNN runs the dtype natively (fp32 everywhere; bf16/fp16 with AVX-512
@@ -13,7 +15,8 @@ Decode streams every weight once per step, so its speed is how fast the weights 
   (16 rows) to 5.6x (512 rows) slower (README, Speed). For one row the fused reduction wins.
 
 `PackedLinear` is an `nn.Linear` (same parameter, same state-dict key). The oneDNN kind also holds
-the packed copy, so packing costs one extra copy of the linear weights; it repacks when the
+the packed copy, so packing costs one extra copy of the linear weights (`onednn=False` declines
+it and keeps the rest); it repacks when the
 weight changes (in-place update, load_state_dict, LoRA merge). Whenever autograd needs the
 weight, the plain `F.linear` runs.
 """
@@ -126,7 +129,8 @@ class PackedLinear(nn.Linear):
     _next_handle = 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "PackedLinear":
+    def from_linear(cls, linear: nn.Linear, onednn: bool = True) -> "PackedLinear":
+        """Over `linear`'s own parameter; `onednn=False`: no oneDNN-packed copy (plain multi-row matmuls)."""
         if linear.bias is not None:
             raise ValueError("PackedLinear supports bias-free linears only (Mistral has no biases)")
         new = cls.__new__(cls)
@@ -139,12 +143,18 @@ class PackedLinear(nn.Linear):
         _MODULES[new.handle] = weakref.ref(new)
         weakref.finalize(new, _MODULES.pop, new.handle, None)
         new._packed, new._packed_key = None, None
+        new.onednn = onednn
         return new
 
     def to_linear(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
         linear.weight = self.weight
         return linear
+
+    def kernel(self) -> str | None:
+        """This module's multi-row kernel now (the module may have been cast since it was made)."""
+        kernel = multi_row_kernel(self.weight.dtype, self.weight.device.type)
+        return None if kernel == "onednn" and not self.onednn else kernel
 
     def _packed_weight(self) -> torch.Tensor:
         w = self.weight
@@ -156,7 +166,7 @@ class PackedLinear(nn.Linear):
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        kernel = multi_row_kernel(w.dtype, w.device.type)  # per call: the module may have been cast
+        kernel = self.kernel()
         if kernel == "upcast" and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
             return upcast_linear(x, w)
         if kernel != "onednn":
@@ -169,12 +179,12 @@ class PackedLinear(nn.Linear):
             return F.linear(x, self.weight)  # autograd: oneDNN's packed linear has no backward
         if torch.compiler.is_compiling():
             if x.numel() == x.shape[-1]:
-                return F.linear(x, self.weight)  # one row: the fused reduction (`one_row_backend`)
+                return one_row_linear(x, self.weight)
             return torch.ops.mistral_torch.packed_linear(x, self.handle, self.out_features)
         return self.packed_forward(x)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", rows>1: {multi_row_kernel(self.weight.dtype, self.weight.device.type)}"
+        return super().extra_repr() + f", rows>1: {self.kernel()}"
 
 
 def _version(t: torch.Tensor) -> int:
@@ -184,13 +194,15 @@ def _version(t: torch.Tensor) -> int:
         return 0
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, onednn: bool = True) -> int:
     """Swap every plain `nn.Linear` of `model` for a `PackedLinear` (in place); returns how many.
 
     Nothing happens where no faster multi-row kernel exists (see `multi_row_kernel`).
+    `onednn=False`: no packed copies (multi-row matmuls stay plain; one row is still fused).
     """
     return _replace(model, lambda m: type(m) is nn.Linear and m.bias is None
-                    and multi_row_kernel(m.weight.dtype, m.weight.device.type) is not None, PackedLinear.from_linear)
+                    and multi_row_kernel(m.weight.dtype, m.weight.device.type) is not None,
+                    lambda m: PackedLinear.from_linear(m, onednn))
 
 
 def unpack_linears(model: nn.Module) -> int:
@@ -206,24 +218,16 @@ def _replace(model: nn.Module, wanted, convert) -> int:
 
 
 # ---------------------------------------------------------------- one-row matmuls in inductor
-def _mm_one_row(a: torch.Tensor, b: torch.Tensor):
-    """(1, K) @ (K, N) as a multiply-sum that inductor fuses into one vectorised reduction over the
-    weights: on this project's CPUs it reads them ~1.7x faster than the BLAS gemv (README, Speed)."""
-    if a.shape[0] != 1 or not a.is_floating_point():
-        return NotImplemented
-    return (a.t().float() * b.float()).sum(0, keepdim=True).to(a.dtype)
+INDUCTOR_OPTIONS = {
+    # An activation read by several matmuls (q/k/v, gate/up) is computed once into a buffer
+    # instead of inside each weight-row loop of their reductions (bf16: +3-4 %).
+    "realize_reads_threshold": 1,
+}
 
 
-def one_row_backend(gm, example_inputs):
-    """CPU inductor, with one-row matmuls (batch-1 decode) decomposed by `_mm_one_row`."""
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
-
-    # The AOTAutograd cache keys on the graph before decompositions: bypass it, so that a graph
-    # compiled without this one (and cached) is never reused here. Inductor's own cache still works.
-    # realize_reads_threshold=1: an activation read by several matmuls (q/k/v, gate/up) is computed
-    # once into a buffer instead of being recomputed inside each weight-row loop (bf16: +3-4 %).
-    with torch._functorch.config.patch(enable_autograd_cache=False), \
-            torch._inductor.config.patch(realize_reads_threshold=1):
-        return compile_fx(gm, example_inputs,
-                          decompositions={**select_decomp_table(), torch.ops.aten.mm.default: _mm_one_row})
+def one_row_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`x @ w.t()` for a single row x (..., K), as a multiply-sum accumulated in fp32, which inductor
+    turns into one vectorised reduction over w's rows: on this project's CPUs it reads the weights
+    ~1.7x faster than the BLAS gemv (README, Speed). Use inside a compiled graph only: eagerly it
+    would materialise the product."""
+    return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)

@@ -271,22 +271,23 @@ class Transformer(nn.Module):
         attends to the allocated part of the cache buffers, which grow with the sequence (a dynamic
         length, so one compilation serves every position); with `mode="reduce-overhead"` (CUDA
         graphs) the buffers start at full capacity, so every step has the same shapes. The first
-        step compiles: 10-25 s on a CPU, again for batch 1 vs larger batches.
+        step compiles: 20-35 s on a CPU, again for batch 1 vs larger batches; inductor's on-disk
+        caches make that ~5 s in later processes.
 
-        On CPU, `pack` (default: where a faster multi-row kernel exists, `fast.multi_row_kernel`)
-        swaps the linears for `fast.PackedLinear`, which also speeds up eager prefill: oneDNN-packed
-        (one extra copy of the linear weights), or for bf16/fp16 without native hardware, upcast
-        to fp32 block by block (no copy kept); one-row matmuls are fused reductions
-        (`fast.one_row_backend`).
+        On CPU the linears become `fast.PackedLinear`s (same parameters and state-dict keys): in
+        the compiled batch-1 step each is a fused one-row reduction (`fast.one_row_linear`); for
+        several rows (batched steps, eager prefill) the fastest kernel this CPU has for the dtype:
+        oneDNN with a packed copy of the weight (one extra copy of the linear weights; `pack=False`
+        declines it), or for bf16/fp16 without native hardware an fp32 matmul on the weight upcast
+        block by block (no copy kept).
         Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
         """
         self._compile_args = (mode, options, backend, pack)
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
         if backend == "inductor" and mode is None and self.device.type == "cpu":
-            if pack is not False:
-                fast.pack_linears(self)
-            backend, kwargs = fast.one_row_backend, dict(options=options)
+            fast.pack_linears(self, onednn=pack is not False)
+            kwargs["options"] = {**fast.INDUCTOR_OPTIONS, **(options or {})}
         if kwargs.get("mode") is None:  # torch.compile takes a mode or options, not both
             kwargs["options"] = {**(kwargs.get("options") or {}),
                                  "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
