@@ -51,7 +51,8 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
     p.add_argument("--quantize", default=None, metavar="METHOD",
                    help="quantize the weights after loading: int8, int4 or nf4 (quantize.py)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: ~2x faster tokens after a warm-up of 15-60 s on a CPU "
+                   help="torch.compile the decode step: ~2x faster tokens after a warm-up of 20-35 s on a CPU "
+                        "the first time (~5 s later, from inductor's on-disk cache) "
                         "(pays for long outputs; on CPU it also packs the weights for oneDNN: 2x their memory)")
 
 
@@ -924,7 +925,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="also the compiled decode step (CPU: 15-60 s warm-up per batch size)")
+    p.add_argument("--compile", action="store_true", help="also the compiled decode step (CPU: 20-35 s warm-up per batch size, ~5 s once cached)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     p.add_argument("--out", default="bench-results", help="folder for decode.json / prefill.json")
