@@ -263,6 +263,24 @@ def test_compile_decode_accepts_every_mode():
         assert model._decode_step is not None
 
 
+@needs_onednn
+def test_quantize_after_compile_decode_reaches_the_packed_linears():
+    """compile_decode swaps the linears for `PackedLinear`s (nn.Linear subclasses); quantizing after
+    it still finds every one (it once looked for exact nn.Linear and quantized nothing)."""
+    from mistral_torch.quantize import Int8Linear, quantize_model
+
+    tokens = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(29))
+    compiled = tiny_model(seed=28, sliding_window=8).compile_decode()
+    assert sum(isinstance(m, fast.PackedLinear) for m in compiled.modules()) == 7 * compiled.args.n_layers + 1
+    compiled = quantize_model(compiled, "int8") or compiled
+    plain = tiny_model(seed=28, sliding_window=8)
+    plain = quantize_model(plain, "int8") or plain
+    assert sum(type(m) is Int8Linear for m in compiled.modules()) == 7 * compiled.args.n_layers + 1
+    assert not any(isinstance(m, fast.PackedLinear) for m in compiled.modules())
+    with torch.inference_mode():
+        assert torch.equal(compiled(tokens)[0], plain(tokens)[0])
+
+
 def test_compiled_step_follows_module_swaps():
     """Swapping modules after compile_decode (here: LoRA) recompiles instead of running a stale graph."""
     from mistral_torch.lora import apply_lora

@@ -379,7 +379,7 @@ def quantize_base_nf4(model: nn.Module, targets: str | Sequence[str] = "all-line
     from . import quantize
 
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and is_target(name, "all-linear"):
+        if isinstance(module, nn.Linear) and is_target(name, "all-linear"):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, quantize.NF4Linear.from_linear(module))
     return model

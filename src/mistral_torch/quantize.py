@@ -803,7 +803,7 @@ def _targets(model: nn.Module, embeddings: bool) -> list[tuple[str, nn.Module, b
     """(name, module, is_embedding) of every module to quantize."""
     out = []
     for name, module in model.named_modules():
-        if type(module) is nn.Linear:
+        if isinstance(module, nn.Linear):  # also fast.PackedLinear (after compile_decode)
             out.append((name, module, False))
         elif embeddings and type(module) is nn.Embedding:
             out.append((name, module, True))
