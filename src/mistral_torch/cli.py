@@ -53,7 +53,7 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: ~2x faster tokens after a warm-up of 20-35 s on a CPU "
                         "the first time (~5 s later, from inductor's on-disk cache) "
-                        "(pays for long outputs; on CPU it also packs the weights for oneDNN: 2x their memory)")
+                        "(pays for long outputs; on CPU fp32 weights are also packed for oneDNN: 2x their memory)")
 
 
 def _unescape(text: str) -> str:

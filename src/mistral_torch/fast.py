@@ -16,9 +16,8 @@ Decode streams every weight once per step, so its speed is how fast the weights 
 
 `PackedLinear` is an `nn.Linear` (same parameter, same state-dict key). The oneDNN kind also holds
 the packed copy, so packing costs one extra copy of the linear weights (`onednn=False` declines
-it and keeps the rest); it repacks when the
-weight changes (in-place update, load_state_dict, LoRA merge). Whenever autograd needs the
-weight, the plain `F.linear` runs.
+it and keeps the rest); it repacks when the weight changes (in-place update, load_state_dict,
+LoRA merge). Whenever autograd needs the weight, the plain `F.linear` runs.
 """
 
 from __future__ import annotations
@@ -88,6 +87,11 @@ UPCAST_BLOCK = 2**21  # weight elements upcast at a time: an 8 MB fp32 block, re
 UPCAST_MIN_ROWS = 16  # below this, upcasting costs more than the low-precision GEMM saves (8 rows: level)
 
 
+def upcast_pays(x: torch.Tensor) -> bool:
+    """Whether `x` (..., K) has enough rows for `upcast_linear` to beat the low-precision GEMM."""
+    return x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]
+
+
 def upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`x @ w.t()` in fp32 for a low-precision `w`, upcast a block of rows at a time (a whole 7B
     matrix at once would be a 235 MB temporary, and fresh large allocations cost page faults)."""
@@ -109,7 +113,7 @@ class UpcastLinears(TorchFunctionMode):
         if func is F.linear and len(args) >= 2:
             x, w = args[:2]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if bias is None and w.dtype in _LOW_PRECISION and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
+            if bias is None and w.dtype in _LOW_PRECISION and upcast_pays(x):
                 return upcast_linear(x, w)  # the mode is off inside its own handler: no recursion
         return func(*args, **kwargs)
 
@@ -172,7 +176,7 @@ class PackedLinear(nn.Linear):
         kernel = self.kernel(w)
         if kernel == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(w), None, "none", [], "")
-        if kernel == "upcast" and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
+        if kernel == "upcast" and upcast_pays(x):
             return upcast_linear(x, w)
         return F.linear(x, w)
 
