@@ -109,10 +109,12 @@ def build(args: argparse.Namespace, dtype: str) -> Transformer:
     return common.make_model(ModelArgs.from_name(args.preset), common.DTYPES[dtype], args.device)
 
 
-def compile_step(model: Transformer, args: argparse.Namespace, prompt: torch.Tensor) -> tuple[Callable, float]:
-    """The compiled decode step and its warm-up time (a first short generation, which compiles)."""
+def compile_step(model: Transformer, args: argparse.Namespace, prompt: torch.Tensor,
+                 kernels: bool | None = None) -> tuple[Callable, float]:
+    """The compiled decode step and its warm-up time (a first short generation, which compiles);
+    `kernels=False`: without the C++ kernels (inductor's fused reductions and SDPA instead)."""
     mode = "reduce-overhead" if args.device.startswith("cuda") else None
-    model.compile_decode(mode=mode)
+    model.compile_decode(mode=mode, kernels=kernels)
     fn = model._decode_step
     t0 = time.perf_counter()
     ours(model, prompt, 4, fn)
@@ -141,6 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         contenders: dict[str, Callable[[], dict[str, float]]] = {}
         meta: dict[str, dict[str, Any]] = {}
         fast = None if args.no_compile else common.twin(model)
+        inductor = common.twin(model) if args.inductor_only and not args.no_compile else None
         for b, prompt in prompts.items():
             contenders[f"mistral-torch eager b{b}"] = lambda p=prompt: ours(model, p, args.new, None)
             meta[f"mistral-torch eager b{b}"] = dict(impl="mistral-torch", mode="eager", batch=b)
@@ -150,6 +153,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 meta[f"mistral-torch compiled b{b}"] = dict(impl="mistral-torch", mode="compiled", batch=b,
                                                             compile_warmup_s=warm)
                 print(f"  {dtype} b{b} compile warm-up {warm:.1f} s", file=sys.stderr, flush=True)
+            if inductor is not None:
+                name = f"mistral-torch compiled, no C++ kernels b{b}"
+                fn, warm = compile_step(inductor, args, prompt, kernels=False)
+                contenders[name] = lambda p=prompt, fn=fn: ours(inductor, p, args.new, fn)
+                meta[name] = dict(impl="mistral-torch", mode="compiled, no C++ kernels", batch=b, compile_warmup_s=warm)
         hf = None
         if not args.no_hf:
             hf = common.hf_model(model)
@@ -195,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(row)
         for llm in llms:
             llm.close()
-        del llms, hf, model, fast
+        del llms, hf, model, fast, inductor
         gc.collect()
     if args.memory and dev == "cpu":
         names = [r["name"] + "|" + r["dtype"] for r in rows if r["batch"] == 1]
@@ -289,6 +297,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch / llama.cpp threads (default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
+    p.add_argument("--inductor-only", action="store_true",
+                   help="also the compiled step without the C++ kernels (compile_decode(kernels=False))")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     p.add_argument("--memory", action="store_true", help="also peak RSS per contender (fresh processes)")

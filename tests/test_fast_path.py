@@ -298,3 +298,105 @@ def test_compiled_step_follows_module_swaps():
     plain, _ = decode(model, tokens, 4)
     model._decode_step = step
     assert (compiled - plain).abs().max() <= TOL
+
+
+# ---------------------------------------------------------------- C++ few-row kernel (AVX2)
+needs_kernels = pytest.mark.skipif(not fast.cpp_kernels(), reason="C++ kernels unavailable here (not x86 AVX2, or no compiler)")
+ULP = {torch.float32: 2.0 ** -20, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 11])
+def test_small_linear_equals_fp32_matmul(dtype, rows):
+    """Every row count (in passes of up to 8 rows), odd output sizes, 3-D inputs; fp32 accumulation,
+    rounded once to x's dtype: within one unit of that dtype of the fp32 product."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(37, 96, generator=g).to(dtype)
+    x = torch.randn(1, rows, 96, generator=g).to(dtype)
+    want = (x.float() @ w.float().t())
+    got = fast.small_linear(x, w)
+    assert got.shape == (1, rows, 37) and got.dtype == dtype
+    assert torch.allclose(got.float(), want, rtol=ULP[dtype], atol=1e-5)
+    mixed = fast.small_linear(x.float(), w)  # fp32 activations, low-precision weight
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_small_linear_refuses_what_it_cannot_multiply():
+    w = torch.randn(8, 40)  # 40 features: not a multiple of 16
+    assert not fast.small_linear_fits(w) and not fast.small_linear_fits(torch.randn(8, 48).t())
+    assert fast.small_linear_fits(torch.randn(8, 48)) and not fast.small_linear_fits(torch.randn(8, 48).double())
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        fast.small_linear(torch.randn(1, 40), w)
+    with pytest.raises(RuntimeError, match="x has 32 features, the weight 48"):
+        fast.small_linear(torch.randn(1, 32), torch.randn(8, 48))
+
+
+def test_kernel_build_failure_falls_back_with_a_warning(monkeypatch):
+    """No compiler (or ninja): a warning that says why, and the compiled step keeps torch's kernels."""
+    from torch.utils import cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    monkeypatch.setattr(fast.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.warns(UserWarning, match=r"C\+\+ decode kernels unavailable.*Ninja is required"):
+        assert fast.cpp_kernels.__wrapped__() is False
+    monkeypatch.setenv("MISTRAL_TORCH_CPP_KERNELS", "0")
+    assert fast.cpp_kernels.__wrapped__() is False
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_decode_attention_equals_sdpa(dtype, group):
+    """The C++ decode attention against SDPA in fp32: grouped query heads, keys read from a slice of
+    longer cache buffers (as the decode step does), masked keys (-inf), batch rows with their own masks."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(group)
+    B, nkv, S, hd = 2, 2, 45, 32
+    kbuf, vbuf = (torch.randn(B, nkv, S + 19, hd, generator=g).to(dtype) for _ in range(2))
+    k, v = kbuf[:, :, :S], vbuf[:, :, :S]
+    q = torch.randn(B, nkv * group, 1, hd, generator=g).to(dtype)
+    masked = torch.rand(B, 1, 1, S, generator=g) < 0.4
+    masked[..., -1] = False  # a query always sees itself
+    bias = torch.zeros(B, 1, 1, S).masked_fill(masked, float("-inf")).to(dtype)
+    assert fast.decode_attention_fits(q, k)
+    got = fast.decode_attention(q, k, v, bias)
+    qg = q.float().reshape(B, nkv, group, hd)
+    want = F.scaled_dot_product_attention(qg, k.float(), v.float(), attn_mask=bias.float()).reshape(B, -1, 1, hd)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert torch.allclose(got.float(), want, rtol=ULP[dtype] if dtype != torch.float32 else 1e-5, atol=1e-5 if dtype == torch.float32 else ULP[dtype])
+    assert not fast.decode_attention_fits(q.float(), k) or dtype == torch.float32  # one dtype for q and k
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,kernels", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
+def test_inductor_compiled_decode_runs_the_cpp_kernels(dtype, kernels):
+    """The compiled step calls `small_linear` for every linear and `decode_attention` in every layer,
+    at batch 1 and batch 3 (none with kernels=False), with the plain path's logits (fp32: within
+    1e-5; bf16: the same greedy tokens and close logits)."""
+    from torch.profiler import profile
+
+    torch._dynamo.reset()
+    model = tiny_model(seed=31, sliding_window=8).to(dtype)
+    tokens = torch.randint(0, 512, (3, 24), generator=torch.Generator().manual_seed(32))
+    want = {n: decode(model, tokens[:n], 4)[0] for n in (1, 3)}
+    model.compile_decode(kernels=kernels)
+    for n in (1, 3):
+        decode(model, tokens[:n], 4)  # compile
+        with profile() as prof:
+            got, _ = decode(model, tokens[:n], 20)
+        calls = {e.key: e.count for e in prof.key_averages()}
+        # 4 decode steps after a 20-token prompt
+        assert calls.get("mistral_torch_cpu::small_linear", 0) == kernels * 4 * (7 * model.args.n_layers + 1), n
+        assert calls.get("mistral_torch_cpu::decode_attention", 0) == kernels * 4 * model.args.n_layers, n
+        if dtype == torch.float32:
+            assert (got - want[n]).abs().max() <= TOL
+        else:
+            assert (got.float() - want[n].float()).abs().max() < 0.05
+            assert torch.equal(got[:, 20:].argmax(-1), want[n][:, 20:].argmax(-1))

@@ -24,7 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import platform
+import warnings
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -133,8 +137,9 @@ class PackedLinear(nn.Linear):
     _next_handle = 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, onednn: bool = True) -> "PackedLinear":
-        """Over `linear`'s own parameter; `onednn=False`: no oneDNN-packed copy (plain multi-row matmuls)."""
+    def from_linear(cls, linear: nn.Linear, onednn: bool = True, small: bool = False) -> "PackedLinear":
+        """Over `linear`'s own parameter; `onednn=False`: no oneDNN-packed copy (plain multi-row
+        matmuls); `small=True`: up to `SMALL_MAX_ROWS` rows through the C++ `small_linear`."""
         if linear.bias is not None:
             raise ValueError("PackedLinear supports bias-free linears only (Mistral has no biases)")
         new = cls.__new__(cls)
@@ -147,7 +152,7 @@ class PackedLinear(nn.Linear):
         _MODULES[new.handle] = weakref.ref(new)
         weakref.finalize(new, _MODULES.pop, new.handle, None)
         new._packed, new._packed_key = None, None
-        new.onednn = onednn
+        new.onednn, new.small = onednn, small
         return new
 
     def to_linear(self) -> nn.Linear:
@@ -173,6 +178,8 @@ class PackedLinear(nn.Linear):
         # a step at bench-125m (oneDNN itself costs ~23 us a call), hence no reshapes (oneDNN
         # takes (..., K) inputs) and one read of `self.weight`.
         w = self.weight
+        if self.small and x.numel() <= SMALL_MAX_ROWS * x.shape[-1] and small_linear_fits(w):
+            return small_linear(x, w)
         kernel = self.kernel(w)
         if kernel == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(w), None, "none", [], "")
@@ -184,6 +191,9 @@ class PackedLinear(nn.Linear):
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
             return F.linear(x, self.weight)  # autograd: oneDNN's packed linear has no backward
         if torch.compiler.is_compiling():
+            rows = x.numel() // x.shape[-1]  # symbolic in a graph dynamic in the batch
+            if self.small and isinstance(rows, int) and rows <= SMALL_MAX_ROWS and small_linear_fits(self.weight):
+                return small_linear(x, self.weight)
             if x.numel() == x.shape[-1]:
                 return one_row_linear(x, self.weight)
             return torch.ops.mistral_torch.packed_linear(x, self.handle, self.out_features)
@@ -200,15 +210,16 @@ def _version(t: torch.Tensor) -> int:
         return 0
 
 
-def pack_linears(model: nn.Module, onednn: bool = True) -> int:
+def pack_linears(model: nn.Module, onednn: bool = True, small: bool = False) -> int:
     """Swap every plain `nn.Linear` of `model` for a `PackedLinear` (in place); returns how many.
 
     Nothing happens where no faster multi-row kernel exists (see `multi_row_kernel`).
-    `onednn=False`: no packed copies (multi-row matmuls stay plain; one row is still fused).
+    `onednn=False`: no packed copies (multi-row matmuls stay plain; one row is still fused);
+    `small=True`: up to `SMALL_MAX_ROWS` rows through the C++ `small_linear` (see `cpp_kernels`).
     """
     return _replace(model, lambda m: type(m) is nn.Linear and m.bias is None
                     and multi_row_kernel(m.weight.dtype, m.weight.device.type) is not None,
-                    lambda m: PackedLinear.from_linear(m, onednn))
+                    lambda m: PackedLinear.from_linear(m, onednn, small))
 
 
 def unpack_linears(model: nn.Module) -> int:
@@ -237,3 +248,81 @@ def one_row_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     ~1.7x faster than the BLAS gemv (README, Speed). Use inside a compiled graph only: eagerly it
     would materialise the product."""
     return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
+
+
+# ---------------------------------------------------------------- C++ kernels (x86 with AVX2)
+SMALL_MAX_ROWS = 8  # up to this many rows, `small_linear` beats every other kernel here (README, Speed)
+_CSRC = Path(__file__).parent / "csrc" / "small_linear.cpp"
+_kernels_loaded = False
+
+
+@functools.lru_cache(maxsize=None)
+def cpp_kernels() -> bool:
+    """Build (first call: ~10 s; later processes load it from torch's extension cache) and load
+    `csrc/small_linear.cpp`; whether its ops are usable. False, with a warning saying why, where
+    the build fails; False quietly on other CPUs than x86 AVX2 (without AVX-512) or with
+    MISTRAL_TORCH_CPP_KERNELS=0."""
+    global _kernels_loaded
+    if os.environ.get("MISTRAL_TORCH_CPP_KERNELS", "1") == "0":
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() != "AVX2":
+        return False  # with AVX-512, inductor's own fused reductions were measured faster (README, Speed)
+    try:
+        from torch.utils import cpp_extension
+
+        with _ninja_on_path():
+            cpp_extension.load("mistral_torch_cpu", [str(_CSRC)], is_python_module=False,
+                               extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                               extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler, no ninja, ...: the plain kernels still work
+        warnings.warn(f"mistral-torch: C++ decode kernels unavailable ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using torch's kernels")
+        return False
+    torch.library.register_fake("mistral_torch_cpu::small_linear")(
+        lambda x, w: x.new_empty((*x.shape[:-1], w.shape[0])))
+    torch.library.register_fake("mistral_torch_cpu::decode_attention")(lambda q, k, v, bias: torch.empty_like(q))
+    _kernels_loaded = True
+    return True
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch builds extensions with the `ninja` executable: also find the pip package's copy."""
+    old = os.environ.get("PATH", "")
+    try:
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([old, ninja.BIN_DIR])
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def small_linear_fits(w: torch.Tensor) -> bool:
+    """Whether `small_linear` can multiply by `w` (kernels loaded, CPU, fp32/bf16/fp16, K % 16 == 0)."""
+    return (_kernels_loaded and w.device.type == "cpu" and w.dtype in (torch.float32, *_LOW_PRECISION)
+            and w.dim() == 2 and w.shape[1] % 16 == 0 and w.is_contiguous())
+
+
+def small_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`x @ w.t()` for a few rows of x (..., K) by the AVX2 kernel of `csrc/small_linear.cpp`: one
+    pass over the weight per 8 rows, fp32 accumulation, at memory speed for one row (bf16 too)."""
+    return torch.ops.mistral_torch_cpu.small_linear(x, w)
+
+
+def decode_attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes this step: kernels loaded, CPU, one float dtype, head_dim a
+    multiple of 16 with unit stride, at most 8 query heads per kv head."""
+    return (_kernels_loaded and q.device.type == "cpu" and q.dtype in (torch.float32, *_LOW_PRECISION)
+            and k.dtype == q.dtype and q.shape[-1] % 16 == 0 and k.stride(-1) == 1
+            and q.shape[1] % k.shape[1] == 0 and q.shape[1] // k.shape[1] <= SMALL_MAX_ROWS)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One query per row, q (B, nh, 1, hd), over k, v (B, nkv, S, hd) plus bias (B, 1, 1, S), by the
+    AVX2 kernel of `csrc/small_linear.cpp`: each kv head's keys and values read once for the query
+    heads that share it, softmax in fp32; 2-3x faster than SDPA here (README, Speed)."""
+    return torch.ops.mistral_torch_cpu.decode_attention(q, k, v, bias)

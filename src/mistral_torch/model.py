@@ -75,12 +75,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + torch.cat([x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     cpp: bool = False) -> torch.Tensor:
     """Attention of one query per row, q (B, nh, 1, hd), over k, v (B, nkv, S, hd) with an additive
     bias (B, 1, 1, S). The query heads that share a kv head become that head's `group` queries
     (all at the same position, so one bias row serves them), and SDPA reads K and V once per kv
     head. On an AVX2 CPU at S = 4096 this is 8x faster than two bf16 matmuls (no bf16 hardware)
-    and level with fp32 ones; with one query per head, SDPA would read K and V once per query head."""
+    and level with fp32 ones; with one query per head, SDPA would read K and V once per query head.
+    `cpp`: through the C++ kernel where it fits (`fast.decode_attention`, 2-3x faster on AVX2)."""
+    if cpp and fast.decode_attention_fits(q, k):
+        return fast.decode_attention(q, k, v, bias)
     B, nh, _, hd = q.shape
     nkv = k.shape[1]
     qg = q.reshape(B, nkv, nh // nkv, hd)  # query heads grouped by the kv head they share
@@ -96,6 +100,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cpp_decode = False  # decode attention through the C++ kernel (set by compile_decode)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                 step: CacheStep | None, mask: torch.Tensor | None) -> torch.Tensor:
@@ -108,7 +113,7 @@ class Attention(nn.Module):
             k, v = step.keys_values(layer, k, v)  # (B, nkv, S, hd), S = keys visible to this chunk
         gqa = self.n_kv_heads != self.n_heads
         if T == 1 and mask is not None:  # decode: one query per row
-            y = decode_attention(q, k, v, mask)
+            y = decode_attention(q, k, v, mask, self.cpp_decode)
         elif mask is None:  # plain causal attention over the chunk itself
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
@@ -264,7 +269,8 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ compiled decode
     def compile_decode(self, mode: str | None = None, options: dict | None = None,
-                       backend: str = "inductor", pack: bool | None = None) -> "Transformer":
+                       backend: str = "inductor", pack: bool | None = None,
+                       kernels: bool | None = None) -> "Transformer":
         """Compile the one-token decode step (used under `torch.no_grad`/`inference_mode`).
 
         Only `_run` is compiled; the cache bookkeeping around it stays eager. On CPU the step
@@ -274,20 +280,31 @@ class Transformer(nn.Module):
         step compiles: 20-35 s on a CPU, again for batch 1 vs larger batches; inductor's on-disk
         caches make that ~5 s in later processes.
 
-        On CPU the linears become `fast.PackedLinear`s (same parameters and state-dict keys): in
-        the compiled batch-1 step each is a fused one-row reduction (`fast.one_row_linear`); for
-        several rows (batched steps, eager prefill) the fastest kernel this CPU has for the dtype:
-        oneDNN with a packed copy of the weight (one extra copy of the linear weights; `pack=False`
-        declines it), or for bf16/fp16 without native hardware an fp32 matmul on the weight upcast
-        block by block (no copy kept).
+        On CPU the linears become `fast.PackedLinear`s (same parameters and state-dict keys). On an
+        x86 CPU with AVX2 (no AVX-512) `kernels` (default: wherever they build) adds two small C++
+        kernels, compiled on first use (~15 s, then cached by torch): `fast.small_linear` for up to
+        8 rows (batch-1 and batched steps read each weight once, at memory speed, bf16 included)
+        and `fast.decode_attention` (2-3x faster than SDPA). Without them the batch-1 step fuses
+        each linear into a one-row reduction (`fast.one_row_linear`). Several rows beyond that
+        (larger batches, eager prefill) take the fastest kernel this CPU has for the dtype:
+        oneDNN with a packed copy of the weight (one extra copy of the linear weights; by default
+        only when the C++ kernels are off; `pack` forces it on or off), or for bf16/fp16 without
+        native hardware an fp32 matmul on the weight upcast block by block (no copy kept).
         Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
         """
-        self._compile_args = (mode, options, backend, pack)
+        self._compile_args = (mode, options, backend, pack, kernels)
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
-        if backend == "inductor" and mode is None and self.device.type == "cpu":
-            fast.pack_linears(self, onednn=pack is not False)
+        cpu_inductor = backend == "inductor" and mode is None and self.device.type == "cpu"
+        use_kernels = cpu_inductor and kernels is not False and fast.cpp_kernels()  # built once
+        if cpu_inductor:
+            fast.pack_linears(self, onednn=pack if pack is not None else not use_kernels)
             kwargs["options"] = {**fast.INDUCTOR_OPTIONS, **(options or {})}
+        for m in self.modules():
+            if isinstance(m, fast.PackedLinear):
+                m.small = use_kernels
+            elif isinstance(m, Attention):
+                m.cpp_decode = use_kernels
         if kwargs.get("mode") is None:  # torch.compile takes a mode or options, not both
             kwargs["options"] = {**(kwargs.get("options") or {}),
                                  "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}

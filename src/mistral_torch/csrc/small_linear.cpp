@@ -1,0 +1,305 @@
+// y = x @ w.t() for a few rows of x (decode: 1 to 8), reading the weight w once, on AVX2.
+//
+// Decode is a stream over the weights: each element is used once per row, so the kernel's job is
+// to keep up with memory. Every weight row is read as chunks of 16 elements, widened to two fp32
+// vectors, and multiplied into per-row fp32 accumulators (several independent ones, so that the
+// adds do not wait on each other). bf16 is widened without shuffles: a 32-bit lane holding two
+// bf16 values gives the even one by a 16-bit left shift and the odd one by masking its low half,
+// so x is laid out even/odd per chunk to match. fp16 uses F16C's vcvtph2ps; fp32 is loaded as is.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 16;  // weight elements per step: two AVX2 vectors of fp32
+constexpr int kMaxRows = 8;     // rows of x per pass over the weight
+
+// The 16 elements of a chunk of weight row `p` as two fp32 vectors, in the order `arrange_x` puts x.
+template <typename T> struct Widen;
+template <> struct Widen<float> {
+  static constexpr bool kEvenOdd = false;
+  static inline void load(const float* p, __m256& a, __m256& b) {
+    a = _mm256_loadu_ps(p);
+    b = _mm256_loadu_ps(p + 8);
+  }
+};
+template <> struct Widen<at::Half> {
+  static constexpr bool kEvenOdd = false;
+  static inline void load(const at::Half* p, __m256& a, __m256& b) {
+    a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  }
+};
+template <> struct Widen<at::BFloat16> {
+  static constexpr bool kEvenOdd = true;
+  static inline void load(const at::BFloat16* p, __m256& a, __m256& b) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));                              // even
+    b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000))));  // odd
+  }
+};
+
+inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Rows [n0, n1) of y (M rows, ldy apart) from M rows of arranged x (K floats each).
+// Up to 4 rows keep two accumulators per row; more would not fit the 16 vector registers.
+template <typename T, int M>
+void rows_kernel(const float* x, const T* w, float* y, int64_t ldy, int64_t K, int64_t n0, int64_t n1) {
+  constexpr int A = M <= 4 ? 2 : 1;
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* row = w + n * K;
+    __m256 acc[M][A];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < A; ++j) acc[m][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += kChunk) {
+      __m256 a, b;
+      Widen<T>::load(row + k, a, b);
+      for (int m = 0; m < M; ++m) {
+        const float* xm = x + m * K + k;
+        acc[m][0] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xm), acc[m][0]);
+        acc[m][A - 1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xm + 8), acc[m][A - 1]);
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = sum8(A == 2 ? _mm256_add_ps(acc[m][0], acc[m][A - 1]) : acc[m][0]);
+  }
+}
+
+template <typename T, int M>
+void pass(const float* x, const T* w, float* y, int64_t ldy, int64_t N, int64_t K) {
+  // Split the weight rows between threads; a grain of ~64 KB of weight per task.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / K);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows_kernel<T, M>(x, w, y, ldy, K, n0, n1); });
+}
+
+template <typename T>
+void run(const float* x, const T* w, float* y, int64_t rows, int64_t N, int64_t K) {
+  for (int64_t r = 0; r < rows; r += kMaxRows) {
+    const float* xr = x + r * K;
+    float* yr = y + r * N;
+    switch (std::min<int64_t>(kMaxRows, rows - r)) {
+      case 1: pass<T, 1>(xr, w, yr, N, N, K); break;
+      case 2: pass<T, 2>(xr, w, yr, N, N, K); break;
+      case 3: pass<T, 3>(xr, w, yr, N, N, K); break;
+      case 4: pass<T, 4>(xr, w, yr, N, N, K); break;
+      case 5: pass<T, 5>(xr, w, yr, N, N, K); break;
+      case 6: pass<T, 6>(xr, w, yr, N, N, K); break;
+      case 7: pass<T, 7>(xr, w, yr, N, N, K); break;
+      default: pass<T, 8>(xr, w, yr, N, N, K); break;
+    }
+  }
+}
+
+// Row-major (rows, K) x of any float dtype to fp32, each chunk of 16 in the order Widen<T> gives the
+// weight's elements (even/odd for bf16). A plain loop: at decode sizes ATen ops cost more than it.
+template <typename X>
+void arrange_x(const X* x, float* out, int64_t rows, int64_t K, bool even_odd) {
+  for (int64_t i = 0; i < rows * K; i += kChunk)
+    for (int j = 0; j < kChunk; ++j)
+      out[i + j] = static_cast<float>(x[i + (even_odd ? (j % 8) * 2 + j / 8 : j)]);
+}
+
+template <typename T>
+void small_linear_typed(const at::Tensor& x, const T* w, at::Tensor& out, int64_t rows, int64_t N, int64_t K) {
+  at::Tensor xa = at::empty({rows, K}, x.options().dtype(at::kFloat));
+  float* xp = xa.mutable_data_ptr<float>();
+  const bool fp32_out = out.scalar_type() == at::kFloat;
+  at::Tensor y = fp32_out ? out : at::empty({rows, N}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "small_linear", [&] {
+    arrange_x(x.const_data_ptr<scalar_t>(), xp, rows, K, Widen<T>::kEvenOdd);
+    run(xp, w, y.mutable_data_ptr<float>(), rows, N, K);
+    if (!fp32_out) {  // round to x's dtype, as F.linear's output is
+      const float* yp = y.const_data_ptr<float>();
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < rows * N; ++i) op[i] = static_cast<scalar_t>(yp[i]);
+    }
+  });
+}
+
+at::Tensor small_linear(const at::Tensor& x_in, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "small_linear: weight must be a contiguous (N, K) matrix");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x_in.size(-1) == K, "small_linear: x has ", x_in.size(-1), " features, the weight ", K);
+  TORCH_CHECK(K % kChunk == 0, "small_linear: in_features must be a multiple of ", kChunk, ", got ", K);
+  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "small_linear: CPU tensors only");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.numel() / K;
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  at::Tensor out = at::empty(out_shape, x.options());
+  switch (w.scalar_type()) {
+    case at::kFloat: small_linear_typed(x, w.const_data_ptr<float>(), out, rows, N, K); break;
+    case at::kBFloat16: small_linear_typed(x, w.const_data_ptr<at::BFloat16>(), out, rows, N, K); break;
+    case at::kHalf: small_linear_typed(x, w.const_data_ptr<at::Half>(), out, rows, N, K); break;
+    default: TORCH_CHECK(false, "small_linear: weight dtype must be float32, bfloat16 or float16, got ", w.scalar_type());
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- decode attention
+// exp(x) for 8 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (Cephes' polynomial, ~1 ulp);
+// 0 below -87 (masked scores are -inf).
+inline __m256 exp8(__m256 x) {
+  const __m256 too_small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(too_small, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+}
+
+// One kv head of one row: the G query heads that share it (q: G x D, arranged like x above and
+// pre-scaled) attend to its S keys/values (rows `ld` elements apart), with `bias` (S floats) added
+// to every query's scores. `scores` is scratch (G x S); `out` (G x D, arranged) gets the result.
+template <typename T, int G>
+void attend(const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64_t D,
+            const float* bias, float* scores, float* out) {
+  for (int64_t s = 0; s < S; ++s) {  // scores: one pass over the keys
+    __m256 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += kChunk) {
+      __m256 a, b;
+      Widen<T>::load(k + s * ld + d, a, b);
+      for (int g = 0; g < G; ++g) {
+        acc[g] = _mm256_fmadd_ps(a, _mm256_loadu_ps(q + g * D + d), acc[g]);
+        acc[g] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q + g * D + d + 8), acc[g]);
+      }
+    }
+    for (int g = 0; g < G; ++g) scores[g * S + s] = sum8(acc[g]) + bias[s];
+  }
+  float total[G];
+  for (int g = 0; g < G; ++g) {  // softmax numerators, in place, and their sums
+    float* row = scores + g * S;
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < S; ++s) mx = std::max(mx, row[s]);
+    if (mx == -INFINITY) mx = 0.0f;  // every key masked: zero output rather than NaN
+    __m256 sum = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= S; s += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), _mm256_set1_ps(mx)));
+      _mm256_storeu_ps(row + s, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    total[g] = sum8(sum);
+    for (; s < S; ++s) total[g] += (row[s] = std::exp(row[s] - mx));
+  }
+  for (int64_t i = 0; i < G * D; ++i) out[i] = 0.0f;
+  for (int64_t s = 0; s < S; ++s) {  // weighted sum: one pass over the values
+    for (int64_t d = 0; d < D; d += kChunk) {
+      __m256 a, b;
+      Widen<T>::load(v + s * ld + d, a, b);
+      for (int g = 0; g < G; ++g) {
+        const __m256 p = _mm256_set1_ps(scores[g * S + s]);
+        float* o = out + g * D + d;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(p, a, _mm256_loadu_ps(o)));
+        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(p, b, _mm256_loadu_ps(o + 8)));
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const float inv = total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] *= inv;
+  }
+}
+
+template <typename T>
+void attend_any_group(int G, const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64_t D,
+                      const float* bias, float* scores, float* out) {
+  switch (G) {
+    case 1: attend<T, 1>(q, k, v, ld, S, D, bias, scores, out); break;
+    case 2: attend<T, 2>(q, k, v, ld, S, D, bias, scores, out); break;
+    case 3: attend<T, 3>(q, k, v, ld, S, D, bias, scores, out); break;
+    case 4: attend<T, 4>(q, k, v, ld, S, D, bias, scores, out); break;
+    case 5: attend<T, 5>(q, k, v, ld, S, D, bias, scores, out); break;
+    case 6: attend<T, 6>(q, k, v, ld, S, D, bias, scores, out); break;
+    case 7: attend<T, 7>(q, k, v, ld, S, D, bias, scores, out); break;
+    default: attend<T, 8>(q, k, v, ld, S, D, bias, scores, out); break;
+  }
+}
+
+template <typename T>
+void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                            at::Tensor& out, int G) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  const float scale = 1.0f / std::sqrt(float(D));
+  constexpr bool even_odd = Widen<T>::kEvenOdd;
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  const float* bp = bias.const_data_ptr<float>();
+  T* op = out.mutable_data_ptr<T>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qf(G * D), o(G * D), scores(G * S);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, h = t % Hkv;
+      arrange_x(qp + (b * Hq + h * G) * D, qf.data(), G, D, even_odd);
+      for (auto& x : qf) x *= scale;
+      attend_any_group<T>(G, qf.data(), kp + b * k.stride(0) + h * k.stride(1), vp + b * v.stride(0) + h * v.stride(1),
+                          k.stride(2), S, D, bp + b * S, scores.data(), o.data());
+      T* dst = op + (b * Hq + h * G) * D;
+      for (int64_t i = 0; i < G * D; i += kChunk)  // back from the arranged order
+        for (int j = 0; j < kChunk; ++j) dst[i + (even_odd ? (j % 8) * 2 + j / 8 : j)] = static_cast<T>(o[i + j]);
+    }
+  });
+}
+
+// q (B, Hq, 1, D); k, v (B, Hkv, S, D) with unit stride along D; bias (B, 1, 1, S).
+// Returns softmax(q k^T / sqrt(D) + bias) v as (B, Hq, 1, D), reading K and V once per kv head.
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_in) {
+  TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q_in.size(2) == 1,
+              "decode_attention: q (B, Hq, 1, D) and k, v (B, Hkv, S, D) expected");
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.strides() == v.strides() && k.size(0) == B && k.size(3) == D,
+              "decode_attention: k and v must have the same (B, Hkv, S, D) layout");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= kMaxRows, "decode_attention: ", Hq, " query heads over ",
+              Hkv, " kv heads (a group of at most ", kMaxRows, ")");
+  TORCH_CHECK(D % kChunk == 0 && k.stride(3) == 1, "decode_attention: head_dim must be a multiple of ", kChunk,
+              " with unit stride");
+  TORCH_CHECK(q_in.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "decode_attention: q, k and v must share a dtype");
+  const int G = int(Hq / Hkv);
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor bias = bias_in.expand({B, 1, 1, S}).to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({B, Hq, 1, D}, q.options());
+  switch (q.scalar_type()) {
+    case at::kFloat: decode_attention_typed<float>(q, k, v, bias, out, G); break;
+    case at::kBFloat16: decode_attention_typed<at::BFloat16>(q, k, v, bias, out, G); break;
+    case at::kHalf: decode_attention_typed<at::Half>(q, k, v, bias, out, G); break;
+    default: TORCH_CHECK(false, "decode_attention: dtype must be float32, bfloat16 or float16, got ", q.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mistral_torch_cpu, m) {
+  m.def("small_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mistral_torch_cpu, CPU, m) {
+  m.impl("small_linear", &small_linear);
+  m.impl("decode_attention", &decode_attention);
+}
