@@ -2,17 +2,21 @@
 
 Decode streams every weight once per step, so its speed is how fast the weights are read:
 
-- One row (batch-1 decode, compiled): `PackedLinear` writes `x @ W.t()` as a multiply-sum
+- Up to 8 rows on an x86 CPU with AVX2 (no AVX-512), after `compile_decode()`: `small_linear`,
+  a C++ kernel (`csrc/small_linear.cpp`, built on first use by `cpp_kernels`) that reads each
+  weight once for all rows at memory speed, bf16 included (widened by a shift and a mask, which
+  inductor's reductions cannot express); and `decode_attention` over the grouped query heads.
+- One row elsewhere (compiled): `PackedLinear` writes `x @ W.t()` as a multiply-sum
   (`one_row_linear`) that inductor fuses into one vectorised reduction over the weight rows,
-  together with the norm or activation before it. On this project's CPUs it reads fp32 weights
-  ~1.7x faster than the BLAS gemv. Being plain torch ops, the compiled step is stock inductor,
-  whose on-disk caches then serve later processes (a 25 s compilation becomes ~5 s).
+  together with the norm or activation before it. It reads fp32 weights ~1.7x faster than the
+  BLAS gemv. Both ways the compiled step is stock inductor, whose on-disk caches serve later
+  processes (a 25 s compilation becomes ~5 s).
 - Several rows (batched decode, prefill): `PackedLinear`, the fastest multi-row matmul this CPU
   has for the weight's dtype (`multi_row_kernel`): oneDNN with the weight reordered once into its
   blocked layout where oneDNN runs the dtype natively (fp32 everywhere; bf16/fp16 with AVX-512
   BF16/FP16 or AMX), else, for bf16/fp16 on CPUs without such hardware (AVX2), an fp32 matmul on a
   weight upcast block by block per call, from 16 rows: there the low-precision GEMM is 2x
-  (16 rows) to 5.6x (512 rows) slower (README, Speed). For one row the fused reduction wins.
+  (16 rows) to 5.6x (512 rows) slower (README, Speed).
 
 `PackedLinear` is an `nn.Linear` (same parameter, same state-dict key). The oneDNN kind also holds
 the packed copy, so packing costs one extra copy of the linear weights (`onednn=False` declines
@@ -192,7 +196,11 @@ class PackedLinear(nn.Linear):
             return F.linear(x, self.weight)  # autograd: oneDNN's packed linear has no backward
         if torch.compiler.is_compiling():
             rows = x.numel() // x.shape[-1]  # symbolic in a graph dynamic in the batch
-            if self.small and isinstance(rows, int) and rows <= SMALL_MAX_ROWS and small_linear_fits(self.weight):
+            # One fp32 row: inductor's fused reduction reads fp32 as fast and saves the extern
+            # call (bench_decode --inductor-only); 16-bit weights and 2-8 rows: the C++ kernel.
+            one_fp32_row = rows == 1 and self.weight.dtype == torch.float32
+            if (self.small and isinstance(rows, int) and rows <= SMALL_MAX_ROWS and not one_fp32_row
+                    and small_linear_fits(self.weight)):
                 return small_linear(x, self.weight)
             if x.numel() == x.shape[-1]:
                 return one_row_linear(x, self.weight)
@@ -239,6 +247,10 @@ INDUCTOR_OPTIONS = {
     # An activation read by several matmuls (q/k/v, gate/up) is computed once into a buffer
     # instead of inside each weight-row loop of their reductions (bf16: +3-4 %).
     "realize_reads_threshold": 1,
+    # The wrapper's checks of every input's and extern kernel output's size, stride and alignment
+    # cost ~0.4 ms of Python per batch-1 step (~4 %); the step's shapes come from the model itself.
+    "size_asserts": False,
+    "alignment_asserts": False,
 }
 
 

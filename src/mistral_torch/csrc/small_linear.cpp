@@ -171,11 +171,11 @@ inline __m256 exp8(__m256 x) {
 }
 
 // One kv head of one row: the G query heads that share it (q: G x D, arranged like x above and
-// pre-scaled) attend to its S keys/values (rows `ld` elements apart), with `bias` (S floats) added
-// to every query's scores. `scores` is scratch (G x S); `out` (G x D, arranged) gets the result.
+// pre-scaled) attend to its S keys/values (rows `ld` elements apart), with `bias` (S values,
+// `bias_step` apart) added to every query's scores. `scores` is scratch (G x S); `out` (G x D, arranged) gets the result.
 template <typename T, int G>
 void attend(const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64_t D,
-            const float* bias, float* scores, float* out) {
+            const T* bias, int64_t bias_step, float* scores, float* out) {
   for (int64_t s = 0; s < S; ++s) {  // scores: one pass over the keys
     __m256 acc[G];
     for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
@@ -187,7 +187,8 @@ void attend(const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64
         acc[g] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q + g * D + d + 8), acc[g]);
       }
     }
-    for (int g = 0; g < G; ++g) scores[g * S + s] = sum8(acc[g]) + bias[s];
+    const float add = static_cast<float>(bias[s * bias_step]);
+    for (int g = 0; g < G; ++g) scores[g * S + s] = sum8(acc[g]) + add;
   }
   float total[G];
   for (int g = 0; g < G; ++g) {  // softmax numerators, in place, and their sums
@@ -226,16 +227,16 @@ void attend(const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64
 
 template <typename T>
 void attend_any_group(int G, const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64_t D,
-                      const float* bias, float* scores, float* out) {
+                      const T* bias, int64_t bias_step, float* scores, float* out) {
   switch (G) {
-    case 1: attend<T, 1>(q, k, v, ld, S, D, bias, scores, out); break;
-    case 2: attend<T, 2>(q, k, v, ld, S, D, bias, scores, out); break;
-    case 3: attend<T, 3>(q, k, v, ld, S, D, bias, scores, out); break;
-    case 4: attend<T, 4>(q, k, v, ld, S, D, bias, scores, out); break;
-    case 5: attend<T, 5>(q, k, v, ld, S, D, bias, scores, out); break;
-    case 6: attend<T, 6>(q, k, v, ld, S, D, bias, scores, out); break;
-    case 7: attend<T, 7>(q, k, v, ld, S, D, bias, scores, out); break;
-    default: attend<T, 8>(q, k, v, ld, S, D, bias, scores, out); break;
+    case 1: attend<T, 1>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
+    case 2: attend<T, 2>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
+    case 3: attend<T, 3>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
+    case 4: attend<T, 4>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
+    case 5: attend<T, 5>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
+    case 6: attend<T, 6>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
+    case 7: attend<T, 7>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
+    default: attend<T, 8>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
   }
 }
 
@@ -248,7 +249,7 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
-  const float* bp = bias.const_data_ptr<float>();
+  const T* bp = bias.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qf(G * D), o(G * D), scores(G * S);
@@ -257,7 +258,7 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
       arrange_x(qp + (b * Hq + h * G) * D, qf.data(), G, D, even_odd);
       for (auto& x : qf) x *= scale;
       attend_any_group<T>(G, qf.data(), kp + b * k.stride(0) + h * k.stride(1), vp + b * v.stride(0) + h * v.stride(1),
-                          k.stride(2), S, D, bp + b * S, scores.data(), o.data());
+                          k.stride(2), S, D, bp + b * bias.stride(0), bias.stride(3), scores.data(), o.data());
       T* dst = op + (b * Hq + h * G) * D;
       for (int64_t i = 0; i < G * D; i += kChunk)  // back from the arranged order
         for (int j = 0; j < kChunk; ++j) dst[i + (even_odd ? (j % 8) * 2 + j / 8 : j)] = static_cast<T>(o[i + j]);
@@ -281,7 +282,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
               "decode_attention: q, k and v must share a dtype");
   const int G = int(Hq / Hkv);
   const at::Tensor q = q_in.contiguous();
-  const at::Tensor bias = bias_in.expand({B, 1, 1, S}).to(at::kFloat).contiguous();
+  TORCH_CHECK(bias_in.scalar_type() == q_in.scalar_type(), "decode_attention: the bias must have q's dtype");
+  const at::Tensor bias = bias_in.expand({B, 1, 1, S});  // a view: read in place, in its dtype
   at::Tensor out = at::empty({B, Hq, 1, D}, q.options());
   switch (q.scalar_type()) {
     case at::kFloat: decode_attention_typed<float>(q, k, v, bias, out, G); break;
