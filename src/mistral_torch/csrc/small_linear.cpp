@@ -49,6 +49,12 @@ template <> struct Widen<at::BFloat16> {
   }
 };
 
+// The sums of a, b, c and d's 8 lanes each, as one vector of 4.
+inline __m128 sum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // [a b c d | a b c d] halves
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -176,7 +182,29 @@ inline __m256 exp8(__m256 x) {
 template <typename T, int G>
 void attend(const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64_t D,
             const T* bias, int64_t bias_step, float* scores, float* out) {
-  for (int64_t s = 0; s < S; ++s) {  // scores: one pass over the keys
+  // Scores: one pass over the keys. Up to 3 queries, 4 keys at a time, summed across lanes together.
+  constexpr int KS = G <= 3 ? 4 : 1;
+  int64_t s = 0;
+  for (; KS == 4 && s + 4 <= S; s += 4) {
+    __m256 acc[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += kChunk) {
+      for (int j = 0; j < 4; ++j) {
+        __m256 a, b;
+        Widen<T>::load(k + (s + j) * ld + d, a, b);
+        for (int g = 0; g < G; ++g) {
+          acc[g][j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(q + g * D + d), acc[g][j]);
+          acc[g][j] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q + g * D + d + 8), acc[g][j]);
+        }
+      }
+    }
+    const __m128 add = _mm_setr_ps(static_cast<float>(bias[s * bias_step]), static_cast<float>(bias[(s + 1) * bias_step]),
+                                   static_cast<float>(bias[(s + 2) * bias_step]), static_cast<float>(bias[(s + 3) * bias_step]));
+    for (int g = 0; g < G; ++g)
+      _mm_storeu_ps(scores + g * S + s, _mm_add_ps(sum8x4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), add));
+  }
+  for (; s < S; ++s) {
     __m256 acc[G];
     for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += kChunk) {
@@ -206,16 +234,30 @@ void attend(const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64
     total[g] = sum8(sum);
     for (; s < S; ++s) total[g] += (row[s] = std::exp(row[s] - mx));
   }
+  // Weighted sum: one pass over the values, in blocks of keys whose values stay in L1 while each
+  // chunk of head_dim accumulates in registers.
+  constexpr int64_t kKeys = 64;
   for (int64_t i = 0; i < G * D; ++i) out[i] = 0.0f;
-  for (int64_t s = 0; s < S; ++s) {  // weighted sum: one pass over the values
+  for (int64_t s0 = 0; s0 < S; s0 += kKeys) {
+    const int64_t s1 = std::min(S, s0 + kKeys);
     for (int64_t d = 0; d < D; d += kChunk) {
-      __m256 a, b;
-      Widen<T>::load(v + s * ld + d, a, b);
+      __m256 acc[G][2];
       for (int g = 0; g < G; ++g) {
-        const __m256 p = _mm256_set1_ps(scores[g * S + s]);
-        float* o = out + g * D + d;
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(p, a, _mm256_loadu_ps(o)));
-        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(p, b, _mm256_loadu_ps(o + 8)));
+        acc[g][0] = _mm256_loadu_ps(out + g * D + d);
+        acc[g][1] = _mm256_loadu_ps(out + g * D + d + 8);
+      }
+      for (int64_t s = s0; s < s1; ++s) {
+        __m256 a, b;
+        Widen<T>::load(v + s * ld + d, a, b);
+        for (int g = 0; g < G; ++g) {
+          const __m256 p = _mm256_broadcast_ss(scores + g * S + s);
+          acc[g][0] = _mm256_fmadd_ps(p, a, acc[g][0]);
+          acc[g][1] = _mm256_fmadd_ps(p, b, acc[g][1]);
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        _mm256_storeu_ps(out + g * D + d, acc[g][0]);
+        _mm256_storeu_ps(out + g * D + d + 8, acc[g][1]);
       }
     }
   }
