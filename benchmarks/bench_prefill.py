@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prompt = torch.randint(3, a.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
         contenders: dict[str, Callable[[], dict[str, float]]] = {"mistral-torch": lambda: ours(model, prompt)}
         packed = common.twin(model)
-        if fast.pack_linears(packed):  # what compile_decode() does on CPU: oneDNN-packed linears
+        if fast.pack_linears(packed):  # oneDNN-packed linears (compile_decode does this where the C++ kernels are off)
             contenders["mistral-torch packed"] = lambda: ours(packed, prompt)
         hf = None
         if not args.no_hf:

@@ -365,13 +365,15 @@ def test_decode_attention_equals_sdpa(dtype, group):
     masked = torch.rand(B, 1, 1, S, generator=g) < 0.4
     masked[..., -1] = False  # a query always sees itself
     bias = torch.zeros(B, 1, 1, S).masked_fill(masked, float("-inf")).to(dtype)
-    assert fast.decode_attention_fits(q, k)
+    assert fast.decode_attention_fits(q, k, v)
     got = fast.decode_attention(q, k, v, bias)
     qg = q.float().reshape(B, nkv, group, hd)
     want = F.scaled_dot_product_attention(qg, k.float(), v.float(), attn_mask=bias.float()).reshape(B, -1, 1, hd)
     assert got.shape == q.shape and got.dtype == dtype
     assert torch.allclose(got.float(), want, rtol=ULP[dtype] if dtype != torch.float32 else 1e-5, atol=1e-5 if dtype == torch.float32 else ULP[dtype])
-    assert not fast.decode_attention_fits(q.float(), k) or dtype == torch.float32  # one dtype for q and k
+    assert not fast.decode_attention_fits(q.float(), k, v) or dtype == torch.float32  # one dtype for q, k, v
+    vt = v.transpose(1, 2).contiguous().transpose(1, 2)  # values laid out as a fresh projection's
+    assert torch.equal(fast.decode_attention(q, k, vt, bias), got)
 
 
 @needs_kernels
@@ -387,6 +389,7 @@ def test_inductor_compiled_decode_runs_the_cpp_kernels(dtype, kernels):
     model = tiny_model(seed=31, sliding_window=8).to(dtype)
     tokens = torch.randint(0, 512, (3, 24), generator=torch.Generator().manual_seed(32))
     want = {n: decode(model, tokens[:n], 4)[0] for n in (1, 3)}
+    want_short = decode(model, tokens[:, :6], 1)[0]  # a one-token prompt: fresh k, v (no cache yet)
     model.compile_decode(kernels=kernels)
     for n in (1, 3):
         decode(model, tokens[:n], 4)  # compile
@@ -399,6 +402,7 @@ def test_inductor_compiled_decode_runs_the_cpp_kernels(dtype, kernels):
         assert calls.get("mistral_torch_cpu::decode_attention", 0) == kernels * 4 * model.args.n_layers, n
         if dtype == torch.float32:
             assert (got - want[n]).abs().max() <= TOL
+            assert (decode(model, tokens[:, :6], 1)[0] - want_short).abs().max() <= TOL
         else:
             assert (got.float() - want[n].float()).abs().max() < 0.05
             assert torch.equal(got[:, 20:].argmax(-1), want[n][:, 20:].argmax(-1))

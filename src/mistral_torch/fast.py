@@ -3,7 +3,7 @@
 Decode streams every weight once per step, so its speed is how fast the weights are read:
 
 - Up to 8 rows on an x86 CPU with AVX2 (no AVX-512), after `compile_decode()`: `small_linear`,
-  a C++ kernel (`csrc/small_linear.cpp`, built on first use by `cpp_kernels`) that reads each
+  a C++ kernel (`csrc/decode_kernels.cpp`, built on first use by `cpp_kernels`) that reads each
   weight once for all rows at memory speed, bf16 included (widened by a shift and a mask, which
   inductor's reductions cannot express); and `decode_attention` over the grouped query heads.
 - One row elsewhere (compiled): `PackedLinear` writes `x @ W.t()` as a multiply-sum
@@ -198,9 +198,8 @@ class PackedLinear(nn.Linear):
             rows = x.numel() // x.shape[-1]  # symbolic in a graph dynamic in the batch
             # One fp32 row: inductor's fused reduction reads fp32 as fast and saves the extern
             # call (bench_decode --inductor-only); 16-bit weights and 2-8 rows: the C++ kernel.
-            one_fp32_row = rows == 1 and self.weight.dtype == torch.float32
-            if (self.small and isinstance(rows, int) and rows <= SMALL_MAX_ROWS and not one_fp32_row
-                    and small_linear_fits(self.weight)):
+            if (self.small and isinstance(rows, int) and rows <= SMALL_MAX_ROWS and small_linear_fits(self.weight)
+                    and not (rows == 1 and self.weight.dtype == torch.float32)):
                 return small_linear(x, self.weight)
             if x.numel() == x.shape[-1]:
                 return one_row_linear(x, self.weight)
@@ -264,14 +263,14 @@ def one_row_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- C++ kernels (x86 with AVX2)
 SMALL_MAX_ROWS = 8  # up to this many rows, `small_linear` beats every other kernel here (README, Speed)
-_CSRC = Path(__file__).parent / "csrc" / "small_linear.cpp"
+_CSRC = Path(__file__).parent / "csrc" / "decode_kernels.cpp"
 _kernels_loaded = False
 
 
 @functools.lru_cache(maxsize=None)
 def cpp_kernels() -> bool:
-    """Build (first call: ~10 s; later processes load it from torch's extension cache) and load
-    `csrc/small_linear.cpp`; whether its ops are usable. False, with a warning saying why, where
+    """Build (first call: ~15 s; later processes load it from torch's extension cache) and load
+    `csrc/decode_kernels.cpp`; whether its ops are usable. False, with a warning saying why, where
     the build fails; False quietly on other CPUs than x86 AVX2 (without AVX-512) or with
     MISTRAL_TORCH_CPP_KERNELS=0."""
     global _kernels_loaded
@@ -292,7 +291,7 @@ def cpp_kernels() -> bool:
         return False
     torch.library.register_fake("mistral_torch_cpu::small_linear")(
         lambda x, w: x.new_empty((*x.shape[:-1], w.shape[0])))
-    torch.library.register_fake("mistral_torch_cpu::decode_attention")(lambda q, k, v, bias: torch.empty_like(q))
+    torch.library.register_fake("mistral_torch_cpu::decode_attention")(lambda q, k, v, bias: q.new_empty(q.shape))
     _kernels_loaded = True
     return True
 
@@ -320,21 +319,21 @@ def small_linear_fits(w: torch.Tensor) -> bool:
 
 
 def small_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`x @ w.t()` for a few rows of x (..., K) by the AVX2 kernel of `csrc/small_linear.cpp`: one
+    """`x @ w.t()` for a few rows of x (..., K) by the AVX2 kernel of `csrc/decode_kernels.cpp`: one
     pass over the weight per 8 rows, fp32 accumulation, at memory speed for one row (bf16 too)."""
     return torch.ops.mistral_torch_cpu.small_linear(x, w)
 
 
-def decode_attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `decode_attention` takes this step: kernels loaded, CPU, one float dtype, head_dim a
     multiple of 16 with unit stride, at most 8 query heads per kv head."""
     return (_kernels_loaded and q.device.type == "cpu" and q.dtype in (torch.float32, *_LOW_PRECISION)
-            and k.dtype == q.dtype and q.shape[-1] % 16 == 0 and k.stride(-1) == 1
+            and k.dtype == q.dtype == v.dtype and q.shape[-1] % 16 == 0 and k.stride(-1) == v.stride(-1) == 1
             and q.shape[1] % k.shape[1] == 0 and q.shape[1] // k.shape[1] <= SMALL_MAX_ROWS)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """One query per row, q (B, nh, 1, hd), over k, v (B, nkv, S, hd) plus bias (B, 1, 1, S), by the
-    AVX2 kernel of `csrc/small_linear.cpp`: each kv head's keys and values read once for the query
+    AVX2 kernel of `csrc/decode_kernels.cpp`: each kv head's keys and values read once for the query
     heads that share it, softmax in fp32; 2-3x faster than SDPA here (README, Speed)."""
     return torch.ops.mistral_torch_cpu.decode_attention(q, k, v, bias)

@@ -83,7 +83,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     head. On an AVX2 CPU at S = 4096 this is 8x faster than two bf16 matmuls (no bf16 hardware)
     and level with fp32 ones; with one query per head, SDPA would read K and V once per query head.
     `cpp`: through the C++ kernel where it fits (`fast.decode_attention`, 2-3x faster on AVX2)."""
-    if cpp and fast.decode_attention_fits(q, k):
+    if cpp and fast.decode_attention_fits(q, k, v):
         return fast.decode_attention(q, k, v, bias)
     B, nh, _, hd = q.shape
     nkv = k.shape[1]

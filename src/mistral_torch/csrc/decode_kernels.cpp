@@ -1,11 +1,16 @@
-// y = x @ w.t() for a few rows of x (decode: 1 to 8), reading the weight w once, on AVX2.
+// The two CPU (AVX2) kernels of a decode step, as torch ops `mistral_torch_cpu::small_linear` and
+// `mistral_torch_cpu::decode_attention` (built and registered by mistral_torch/fast.py).
 //
+// small_linear: y = x @ w.t() for a few rows of x (decode: 1 to 8), reading the weight w once.
 // Decode is a stream over the weights: each element is used once per row, so the kernel's job is
 // to keep up with memory. Every weight row is read as chunks of 16 elements, widened to two fp32
 // vectors, and multiplied into per-row fp32 accumulators (several independent ones, so that the
 // adds do not wait on each other). bf16 is widened without shuffles: a 32-bit lane holding two
 // bf16 values gives the even one by a 16-bit left shift and the odd one by masking its low half,
 // so x is laid out even/odd per chunk to match. fp16 uses F16C's vcvtph2ps; fp32 is loaded as is.
+//
+// decode_attention: one query per row over the cached keys and values; the query heads that share
+// a kv head read its keys and values once, widened the same way; softmax in fp32.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -177,10 +182,10 @@ inline __m256 exp8(__m256 x) {
 }
 
 // One kv head of one row: the G query heads that share it (q: G x D, arranged like x above and
-// pre-scaled) attend to its S keys/values (rows `ld` elements apart), with `bias` (S values,
+// pre-scaled) attend to its S keys/values (rows `ldk` / `ldv` elements apart), with `bias` (S values,
 // `bias_step` apart) added to every query's scores. `scores` is scratch (G x S); `out` (G x D, arranged) gets the result.
 template <typename T, int G>
-void attend(const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64_t D,
+void attend(const float* q, const T* k, const T* v, int64_t ldk, int64_t ldv, int64_t S, int64_t D,
             const T* bias, int64_t bias_step, float* scores, float* out) {
   // Scores: one pass over the keys. Up to 3 queries, 4 keys at a time, summed across lanes together.
   constexpr int KS = G <= 3 ? 4 : 1;
@@ -192,7 +197,7 @@ void attend(const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64
     for (int64_t d = 0; d < D; d += kChunk) {
       for (int j = 0; j < 4; ++j) {
         __m256 a, b;
-        Widen<T>::load(k + (s + j) * ld + d, a, b);
+        Widen<T>::load(k + (s + j) * ldk + d, a, b);
         for (int g = 0; g < G; ++g) {
           acc[g][j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(q + g * D + d), acc[g][j]);
           acc[g][j] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q + g * D + d + 8), acc[g][j]);
@@ -209,7 +214,7 @@ void attend(const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64
     for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += kChunk) {
       __m256 a, b;
-      Widen<T>::load(k + s * ld + d, a, b);
+      Widen<T>::load(k + s * ldk + d, a, b);
       for (int g = 0; g < G; ++g) {
         acc[g] = _mm256_fmadd_ps(a, _mm256_loadu_ps(q + g * D + d), acc[g]);
         acc[g] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q + g * D + d + 8), acc[g]);
@@ -248,7 +253,7 @@ void attend(const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64
       }
       for (int64_t s = s0; s < s1; ++s) {
         __m256 a, b;
-        Widen<T>::load(v + s * ld + d, a, b);
+        Widen<T>::load(v + s * ldv + d, a, b);
         for (int g = 0; g < G; ++g) {
           const __m256 p = _mm256_broadcast_ss(scores + g * S + s);
           acc[g][0] = _mm256_fmadd_ps(p, a, acc[g][0]);
@@ -268,17 +273,17 @@ void attend(const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64
 }
 
 template <typename T>
-void attend_any_group(int G, const float* q, const T* k, const T* v, int64_t ld, int64_t S, int64_t D,
+void attend_any_group(int G, const float* q, const T* k, const T* v, int64_t ldk, int64_t ldv, int64_t S, int64_t D,
                       const T* bias, int64_t bias_step, float* scores, float* out) {
   switch (G) {
-    case 1: attend<T, 1>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
-    case 2: attend<T, 2>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
-    case 3: attend<T, 3>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
-    case 4: attend<T, 4>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
-    case 5: attend<T, 5>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
-    case 6: attend<T, 6>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
-    case 7: attend<T, 7>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
-    default: attend<T, 8>(q, k, v, ld, S, D, bias, bias_step, scores, out); break;
+    case 1: attend<T, 1>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
+    case 2: attend<T, 2>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
+    case 3: attend<T, 3>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
+    case 4: attend<T, 4>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
+    case 5: attend<T, 5>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
+    case 6: attend<T, 6>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
+    case 7: attend<T, 7>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
+    default: attend<T, 8>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
   }
 }
 
@@ -300,7 +305,7 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
       arrange_x(qp + (b * Hq + h * G) * D, qf.data(), G, D, even_odd);
       for (auto& x : qf) x *= scale;
       attend_any_group<T>(G, qf.data(), kp + b * k.stride(0) + h * k.stride(1), vp + b * v.stride(0) + h * v.stride(1),
-                          k.stride(2), S, D, bp + b * bias.stride(0), bias.stride(3), scores.data(), o.data());
+                          k.stride(2), v.stride(2), S, D, bp + b * bias.stride(0), bias.stride(3), scores.data(), o.data());
       T* dst = op + (b * Hq + h * G) * D;
       for (int64_t i = 0; i < G * D; i += kChunk)  // back from the arranged order
         for (int j = 0; j < kChunk; ++j) dst[i + (even_odd ? (j % 8) * 2 + j / 8 : j)] = static_cast<T>(o[i + j]);
@@ -314,11 +319,11 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q_in.size(2) == 1,
               "decode_attention: q (B, Hq, 1, D) and k, v (B, Hkv, S, D) expected");
   const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(3), Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.strides() == v.strides() && k.size(0) == B && k.size(3) == D,
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D,
               "decode_attention: k and v must have the same (B, Hkv, S, D) layout");
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= kMaxRows, "decode_attention: ", Hq, " query heads over ",
               Hkv, " kv heads (a group of at most ", kMaxRows, ")");
-  TORCH_CHECK(D % kChunk == 0 && k.stride(3) == 1, "decode_attention: head_dim must be a multiple of ", kChunk,
+  TORCH_CHECK(D % kChunk == 0 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: head_dim must be a multiple of ", kChunk,
               " with unit stride");
   TORCH_CHECK(q_in.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
               "decode_attention: q, k and v must share a dtype");
