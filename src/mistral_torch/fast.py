@@ -335,5 +335,5 @@ def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """One query per row, q (B, nh, 1, hd), over k, v (B, nkv, S, hd) plus bias (B, 1, 1, S), by the
     AVX2 kernel of `csrc/decode_kernels.cpp`: each kv head's keys and values read once for the query
-    heads that share it, softmax in fp32; 2-3x faster than SDPA here (README, Speed)."""
+    heads that share it, softmax in fp32; ~3x faster than SDPA here (README, Speed)."""
     return torch.ops.mistral_torch_cpu.decode_attention(q, k, v, bias)

@@ -82,7 +82,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     (all at the same position, so one bias row serves them), and SDPA reads K and V once per kv
     head. On an AVX2 CPU at S = 4096 this is 8x faster than two bf16 matmuls (no bf16 hardware)
     and level with fp32 ones; with one query per head, SDPA would read K and V once per query head.
-    `cpp`: through the C++ kernel where it fits (`fast.decode_attention`, 2-3x faster on AVX2)."""
+    `cpp`: through the C++ kernel where it fits (`fast.decode_attention`, ~3x faster on AVX2)."""
     if cpp and fast.decode_attention_fits(q, k, v):
         return fast.decode_attention(q, k, v, bias)
     B, nh, _, hd = q.shape
@@ -284,7 +284,7 @@ class Transformer(nn.Module):
         x86 CPU with AVX2 (no AVX-512) `kernels` (default: wherever they build) adds two small C++
         kernels, compiled on first use (~15 s, then cached by torch): `fast.small_linear` for up to
         8 rows (batch-1 and batched steps read each weight once, at memory speed, bf16 included)
-        and `fast.decode_attention` (2-3x faster than SDPA). Without them the batch-1 step fuses
+        and `fast.decode_attention` (~3x faster than SDPA). Without them the batch-1 step fuses
         each linear into a one-row reduction (`fast.one_row_linear`). Several rows beyond that
         (larger batches, eager prefill) take the fastest kernel this CPU has for the dtype:
         oneDNN with a packed copy of the weight (one extra copy of the linear weights; by default
