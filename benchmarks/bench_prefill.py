@@ -11,7 +11,8 @@ throughput measured in every round beside the contenders at a prefill shape (512
 median over the rounds): the faster of the BLAS call and oneDNN with a packed weight. On a
 shared machine that throughput moves from run to run (130-176 GFLOP/s over one day here), so it
 is measured with the contenders, not once. "mistral-torch packed" is the model with its linears
-swapped for `fast.PackedLinear` (what `compile_decode()` does on CPU).
+swapped for oneDNN-packed `fast.PackedLinear`s (what `compile_decode()` does on CPUs without the
+C++ kernels).
 """
 
 from __future__ import annotations

@@ -141,9 +141,10 @@ class PackedLinear(nn.Linear):
     _next_handle = 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, onednn: bool = True, small: bool = False) -> "PackedLinear":
+    def from_linear(cls, linear: nn.Linear, onednn: bool = True) -> "PackedLinear":
         """Over `linear`'s own parameter; `onednn=False`: no oneDNN-packed copy (plain multi-row
-        matmuls); `small=True`: up to `SMALL_MAX_ROWS` rows through the C++ `small_linear`."""
+        matmuls). `small` (set by `compile_decode`): up to `SMALL_MAX_ROWS` rows through the C++
+        `small_linear`."""
         if linear.bias is not None:
             raise ValueError("PackedLinear supports bias-free linears only (Mistral has no biases)")
         new = cls.__new__(cls)
@@ -156,7 +157,7 @@ class PackedLinear(nn.Linear):
         _MODULES[new.handle] = weakref.ref(new)
         weakref.finalize(new, _MODULES.pop, new.handle, None)
         new._packed, new._packed_key = None, None
-        new.onednn, new.small = onednn, small
+        new.onednn, new.small = onednn, False
         return new
 
     def to_linear(self) -> nn.Linear:
@@ -217,16 +218,15 @@ def _version(t: torch.Tensor) -> int:
         return 0
 
 
-def pack_linears(model: nn.Module, onednn: bool = True, small: bool = False) -> int:
+def pack_linears(model: nn.Module, onednn: bool = True) -> int:
     """Swap every plain `nn.Linear` of `model` for a `PackedLinear` (in place); returns how many.
 
     Nothing happens where no faster multi-row kernel exists (see `multi_row_kernel`).
-    `onednn=False`: no packed copies (multi-row matmuls stay plain; one row is still fused);
-    `small=True`: up to `SMALL_MAX_ROWS` rows through the C++ `small_linear` (see `cpp_kernels`).
+    `onednn=False`: no packed copies (multi-row matmuls stay plain; one row is still fused).
     """
     return _replace(model, lambda m: type(m) is nn.Linear and m.bias is None
                     and multi_row_kernel(m.weight.dtype, m.weight.device.type) is not None,
-                    lambda m: PackedLinear.from_linear(m, onednn, small))
+                    lambda m: PackedLinear.from_linear(m, onednn))
 
 
 def unpack_linears(model: nn.Module) -> int:

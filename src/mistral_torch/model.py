@@ -297,12 +297,13 @@ class Transformer(nn.Module):
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
         cpu_inductor = backend == "inductor" and mode is None and self.device.type == "cpu"
         use_kernels = cpu_inductor and kernels is not False and fast.cpp_kernels()  # built once
+        onednn = pack if pack is not None else not use_kernels
         if cpu_inductor:
-            fast.pack_linears(self, onednn=pack if pack is not None else not use_kernels)
+            fast.pack_linears(self)
             kwargs["options"] = {**fast.INDUCTOR_OPTIONS, **(options or {})}
-        for m in self.modules():
+        for m in self.modules():  # also the PackedLinears of an earlier compile_decode
             if isinstance(m, fast.PackedLinear):
-                m.small = use_kernels
+                m.small, m.onednn = use_kernels, onednn
             elif isinstance(m, Attention):
                 m.cpp_decode = use_kernels
         if kwargs.get("mode") is None:  # torch.compile takes a mode or options, not both

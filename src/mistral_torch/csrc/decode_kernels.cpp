@@ -117,11 +117,14 @@ void run(const float* x, const T* w, float* y, int64_t rows, int64_t N, int64_t 
 
 // Row-major (rows, K) x of any float dtype to fp32, each chunk of 16 in the order Widen<T> gives the
 // weight's elements (even/odd for bf16). A plain loop: at decode sizes ATen ops cost more than it.
+// Where element j of an arranged 16-chunk sits in natural order (even/odd: 0,2,..,14,1,3,..,15).
+inline int natural(int j, bool even_odd) { return even_odd ? (j % 8) * 2 + j / 8 : j; }
+
 template <typename X>
 void arrange_x(const X* x, float* out, int64_t rows, int64_t K, bool even_odd) {
   for (int64_t i = 0; i < rows * K; i += kChunk)
     for (int j = 0; j < kChunk; ++j)
-      out[i + j] = static_cast<float>(x[i + (even_odd ? (j % 8) * 2 + j / 8 : j)]);
+      out[i + j] = static_cast<float>(x[i + natural(j, even_odd)]);
 }
 
 template <typename T>
@@ -308,7 +311,7 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
                           k.stride(2), v.stride(2), S, D, bp + b * bias.stride(0), bias.stride(3), scores.data(), o.data());
       T* dst = op + (b * Hq + h * G) * D;
       for (int64_t i = 0; i < G * D; i += kChunk)  // back from the arranged order
-        for (int j = 0; j < kChunk; ++j) dst[i + (even_odd ? (j % 8) * 2 + j / 8 : j)] = static_cast<T>(o[i + j]);
+        for (int j = 0; j < kChunk; ++j) dst[i + natural(j, even_odd)] = static_cast<T>(o[i + j]);
     }
   });
 }
