@@ -320,6 +320,10 @@ def test_small_linear_equals_fp32_matmul(dtype, rows):
     assert torch.allclose(got.float(), want, rtol=ULP[dtype], atol=1e-5)
     mixed = fast.small_linear(x.float(), w)  # fp32 activations, low-precision weight
     assert mixed.dtype == torch.float32 and torch.allclose(mixed, want, rtol=1e-5, atol=1e-5)
+    w2, w3 = torch.randn(5, 96, generator=g).to(dtype), torch.randn(64, 96, generator=g).to(dtype)
+    stacked = fast.small_linear(x, w, w2, w3)  # several weights: their outputs side by side
+    assert stacked.shape == (1, rows, 37 + 5 + 64)
+    assert torch.equal(stacked, torch.cat([got, fast.small_linear(x, w2), fast.small_linear(x, w3)], dim=-1))
 
 
 @needs_kernels
@@ -331,6 +335,10 @@ def test_small_linear_refuses_what_it_cannot_multiply():
         fast.small_linear(torch.randn(1, 40), w)
     with pytest.raises(RuntimeError, match="x has 32 features, the weight 48"):
         fast.small_linear(torch.randn(1, 32), torch.randn(8, 48))
+    with pytest.raises(RuntimeError, match="weights of 48 and 32 features cannot be stacked"):
+        fast.small_linear(torch.randn(1, 48), torch.randn(8, 48), torch.randn(8, 32))
+    with pytest.raises(RuntimeError, match="weights of dtypes Float and BFloat16 cannot be stacked"):
+        fast.small_linear(torch.randn(1, 48), torch.randn(8, 48), torch.randn(8, 48).bfloat16())
 
 
 def test_kernel_build_failure_falls_back_with_a_warning(monkeypatch):
@@ -379,8 +387,8 @@ def test_decode_attention_equals_sdpa(dtype, group):
 @needs_kernels
 @pytest.mark.parametrize("dtype,kernels", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
 def test_inductor_compiled_decode_runs_the_cpp_kernels(dtype, kernels):
-    """The compiled step calls `small_linear` for every linear (but fp32 batch 1: inductor's fused
-    reductions) and `decode_attention` in every layer, at batch 1 and batch 3 (none with
+    """The compiled step calls `small_linear` for every linear, q/k/v and gate/up each in one call
+    (but fp32 batch 1: inductor's fused reductions) and `decode_attention` in every layer, at batch 1 and batch 3 (none with
     kernels=False), with the plain path's logits (fp32: within
     1e-5; bf16: the same greedy tokens and close logits)."""
     from torch.profiler import profile
@@ -397,7 +405,8 @@ def test_inductor_compiled_decode_runs_the_cpp_kernels(dtype, kernels):
             got, _ = decode(model, tokens[:n], 20)
         calls = {e.key: e.count for e in prof.key_averages()}
         # 4 decode steps after a 20-token prompt
-        linears = 0 if dtype == torch.float32 and n == 1 else 4 * (7 * model.args.n_layers + 1)  # fp32 b1: inductor's
+        # one call for q/k/v, one for gate/up, o_proj, down_proj, lm_head; fp32 b1: inductor's
+        linears = 0 if dtype == torch.float32 and n == 1 else 4 * (4 * model.args.n_layers + 1)
         assert calls.get("mistral_torch_cpu::small_linear", 0) == kernels * linears, n
         assert calls.get("mistral_torch_cpu::decode_attention", 0) == kernels * 4 * model.args.n_layers, n
         if dtype == torch.float32:

@@ -72,22 +72,27 @@ def multi_row_kernel(dtype: torch.dtype, device_type: str = "cpu") -> str | None
 # `mistral_torch::packed_linear`, defined with a plain `Library` rather than `custom_op`: the op
 # runs once per linear per decode step, and `custom_op`'s wrapper costs ~5 us more a call.
 _LIB = torch.library.Library("mistral_torch", "DEF")
-_LIB.define("packed_linear(Tensor x, int handle, int out_features) -> Tensor")
+_LIB.define("packed_linear(Tensor x, int[] handles, int out_features) -> Tensor")
 
 
-def packed_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    """`x @ W.t()` through the packed weight of the `PackedLinear` registered as `handle`."""
-    module = _MODULES[handle]()
-    if module is None:
-        raise RuntimeError("the packed linear this compiled graph refers to no longer exists; compile again")
-    return module.packed_forward(x)
+def packed_linear(x: torch.Tensor, handles: list[int], out_features: int) -> torch.Tensor:
+    """`x` through the `PackedLinear`s registered as `handles` (several: outputs side by side, in
+    one `small_linear` call where each would take it)."""
+    modules = [_MODULES[h]() for h in handles]
+    if any(m is None for m in modules):
+        raise RuntimeError("a packed linear this compiled graph refers to no longer exists; compile again")
+    if len(modules) == 1:
+        return modules[0].packed_forward(x)
+    if all(m.takes_small(x) for m in modules):
+        return small_linear(x, *(m.weight for m in modules))
+    return torch.cat([m.packed_forward(x) for m in modules], dim=-1)
 
 
 _LIB.impl("packed_linear", packed_linear, "CPU")
 
 
 @torch.library.register_fake("mistral_torch::packed_linear")
-def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+def _(x: torch.Tensor, handles: list[int], out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -183,7 +188,7 @@ class PackedLinear(nn.Linear):
         # a step at bench-125m (oneDNN itself costs ~23 us a call), hence no reshapes (oneDNN
         # takes (..., K) inputs) and one read of `self.weight`.
         w = self.weight
-        if self.small and x.numel() <= SMALL_MAX_ROWS * x.shape[-1] and small_linear_fits(w):
+        if self.takes_small(x, w):
             return small_linear(x, w)
         kernel = self.kernel(w)
         if kernel == "onednn":
@@ -192,23 +197,51 @@ class PackedLinear(nn.Linear):
             return upcast_linear(x, w)
         return F.linear(x, w)
 
+    def takes_small(self, x: torch.Tensor, w: torch.Tensor | None = None) -> bool:
+        """Whether `x` goes through the C++ `small_linear` (`small` set, at most `SMALL_MAX_ROWS`
+        rows, a weight it can read). Eager, or in a compiled graph static in the rows."""
+        w = self.weight if w is None else w
+        return self.small and x.numel() <= SMALL_MAX_ROWS * x.shape[-1] and small_linear_fits(w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
             return F.linear(x, self.weight)  # autograd: oneDNN's packed linear has no backward
         if torch.compiler.is_compiling():
-            rows = x.numel() // x.shape[-1]  # symbolic in a graph dynamic in the batch
-            # One fp32 row: inductor's fused reduction reads fp32 as fast and saves the extern
-            # call (bench_decode --inductor-only); 16-bit weights and 2-8 rows: the C++ kernel.
-            if (self.small and isinstance(rows, int) and rows <= SMALL_MAX_ROWS and small_linear_fits(self.weight)
-                    and not (rows == 1 and self.weight.dtype == torch.float32)):
-                return small_linear(x, self.weight)
-            if x.numel() == x.shape[-1]:
-                return one_row_linear(x, self.weight)
-            return torch.ops.mistral_torch.packed_linear(x, self.handle, self.out_features)
+            return compiled_projection(x, (self,))[0]
         return self.packed_forward(x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rows>1: {self.kernel()}"
+
+
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """`x` through several linears that read it (q/k/v, gate/up), one output each: in a compiled
+    inference step over `PackedLinear`s, one kernel call for all of them; otherwise each linear
+    as it runs alone."""
+    if (len(linears) > 1 and torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and all(isinstance(m, PackedLinear) for m in linears)):
+        return compiled_projection(x, linears)
+    return tuple(m(x) for m in linears)
+
+
+def compiled_projection(x: torch.Tensor, linears: tuple[PackedLinear, ...]) -> tuple[torch.Tensor, ...]:
+    """Inside a compiled inference graph: `x` through `linears` (same input). Up to 8 rows (known
+    when the graph is traced) go through the C++ `small_linear`, all weights in one call (one
+    extern call, one pass of the threads; the weights are read one after another, so no fused copy
+    of them is kept); one fp32 row through inductor's fused reductions (`one_row_linear`: as fast,
+    no extern call; bench_decode --inductor-only); anything else (a batch dynamic in the graph)
+    through the `packed_linear` op, which decides per call."""
+    sizes = [m.out_features for m in linears]
+    rows = x.numel() // x.shape[-1]
+    static = isinstance(rows, int)  # else symbolic: a graph dynamic in the batch
+    small = static and all(m.takes_small(x) for m in linears)
+    if static and rows == 1 and (linears[0].weight.dtype == torch.float32 or not small):
+        return tuple(one_row_linear(x, m.weight) for m in linears)
+    if small:
+        y = small_linear(x, *(m.weight for m in linears))
+    else:
+        y = torch.ops.mistral_torch.packed_linear(x, [m.handle for m in linears], sum(sizes))
+    return y.split(sizes, dim=-1) if len(linears) > 1 else (y,)
 
 
 def _version(t: torch.Tensor) -> int:
@@ -290,7 +323,7 @@ def cpp_kernels() -> bool:
                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using torch's kernels")
         return False
     torch.library.register_fake("mistral_torch_cpu::small_linear")(
-        lambda x, w: x.new_empty((*x.shape[:-1], w.shape[0])))
+        lambda x, ws: x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in ws))))
     torch.library.register_fake("mistral_torch_cpu::decode_attention")(lambda q, k, v, bias: q.new_empty(q.shape))
     _kernels_loaded = True
     return True
@@ -318,10 +351,11 @@ def small_linear_fits(w: torch.Tensor) -> bool:
             and w.dim() == 2 and w.shape[1] % 16 == 0 and w.is_contiguous())
 
 
-def small_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def small_linear(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
     """`x @ w.t()` for a few rows of x (..., K) by the AVX2 kernel of `csrc/decode_kernels.cpp`: one
-    pass over the weight per 8 rows, fp32 accumulation, at memory speed for one row (bf16 too)."""
-    return torch.ops.mistral_torch_cpu.small_linear(x, w)
+    pass over the weight per 8 rows, fp32 accumulation, at memory speed for one row (bf16 too).
+    Several weights (same K and dtype): their outputs side by side, `x @ cat(weights).t()`."""
+    return torch.ops.mistral_torch_cpu.small_linear(x, list(weights))
 
 
 def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

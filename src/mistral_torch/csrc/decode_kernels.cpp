@@ -1,7 +1,8 @@
 // The two CPU (AVX2) kernels of a decode step, as torch ops `mistral_torch_cpu::small_linear` and
 // `mistral_torch_cpu::decode_attention` (built and registered by mistral_torch/fast.py).
 //
-// small_linear: y = x @ w.t() for a few rows of x (decode: 1 to 8), reading the weight w once.
+// small_linear: y = x @ w.t() for a few rows of x (decode: 1 to 8), reading the weight w once;
+// given several weights (q/k/v, gate/up), their outputs side by side from one call.
 // Decode is a stream over the weights: each element is used once per row, so the kernel's job is
 // to keep up with memory. Every weight row is read as chunks of 16 elements, widened to two fp32
 // vectors, and multiplied into per-row fp32 accumulators (several independent ones, so that the
@@ -67,12 +68,12 @@ inline float sum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Rows [n0, n1) of y (M rows, ldy apart) from M rows of arranged x (K floats each).
+// `count` rows of y (M rows, ldy apart) from as many weight rows (K apart) and M rows of arranged x.
 // Up to 4 rows keep two accumulators per row; more would not fit the 16 vector registers.
 template <typename T, int M>
-void rows_kernel(const float* x, const T* w, float* y, int64_t ldy, int64_t K, int64_t n0, int64_t n1) {
+void rows_kernel(const float* x, const T* w, float* y, int64_t ldy, int64_t K, int64_t count) {
   constexpr int A = M <= 4 ? 2 : 1;
-  for (int64_t n = n0; n < n1; ++n) {
+  for (int64_t n = 0; n < count; ++n) {
     const T* row = w + n * K;
     __m256 acc[M][A];
     for (int m = 0; m < M; ++m)
@@ -90,27 +91,40 @@ void rows_kernel(const float* x, const T* w, float* y, int64_t ldy, int64_t K, i
   }
 }
 
+// The weights (each K wide) stacked: weight i gives y's columns [starts[i], starts[i + 1]).
+template <typename T>
+struct Stack {
+  std::vector<const T*> weights;
+  std::vector<int64_t> starts{0};
+};
+
 template <typename T, int M>
-void pass(const float* x, const T* w, float* y, int64_t ldy, int64_t N, int64_t K) {
-  // Split the weight rows between threads; a grain of ~64 KB of weight per task.
+void pass(const float* x, const Stack<T>& stack, float* y, int64_t ldy, int64_t K) {
+  // Split the stacked weight rows between threads; a grain of ~64 KB of weight per task.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / K);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows_kernel<T, M>(x, w, y, ldy, K, n0, n1); });
+  at::parallel_for(0, stack.starts.back(), grain, [&](int64_t n0, int64_t n1) {
+    for (size_t i = 0; i < stack.weights.size(); ++i) {
+      const int64_t lo = std::max(n0, stack.starts[i]), hi = std::min(n1, stack.starts[i + 1]);
+      if (lo < hi) rows_kernel<T, M>(x, stack.weights[i] + (lo - stack.starts[i]) * K, y + lo, ldy, K, hi - lo);
+    }
+  });
 }
 
 template <typename T>
-void run(const float* x, const T* w, float* y, int64_t rows, int64_t N, int64_t K) {
+void run(const float* x, const Stack<T>& stack, float* y, int64_t rows, int64_t K) {
+  const int64_t N = stack.starts.back();
   for (int64_t r = 0; r < rows; r += kMaxRows) {
     const float* xr = x + r * K;
     float* yr = y + r * N;
     switch (std::min<int64_t>(kMaxRows, rows - r)) {
-      case 1: pass<T, 1>(xr, w, yr, N, N, K); break;
-      case 2: pass<T, 2>(xr, w, yr, N, N, K); break;
-      case 3: pass<T, 3>(xr, w, yr, N, N, K); break;
-      case 4: pass<T, 4>(xr, w, yr, N, N, K); break;
-      case 5: pass<T, 5>(xr, w, yr, N, N, K); break;
-      case 6: pass<T, 6>(xr, w, yr, N, N, K); break;
-      case 7: pass<T, 7>(xr, w, yr, N, N, K); break;
-      default: pass<T, 8>(xr, w, yr, N, N, K); break;
+      case 1: pass<T, 1>(xr, stack, yr, N, K); break;
+      case 2: pass<T, 2>(xr, stack, yr, N, K); break;
+      case 3: pass<T, 3>(xr, stack, yr, N, K); break;
+      case 4: pass<T, 4>(xr, stack, yr, N, K); break;
+      case 5: pass<T, 5>(xr, stack, yr, N, K); break;
+      case 6: pass<T, 6>(xr, stack, yr, N, K); break;
+      case 7: pass<T, 7>(xr, stack, yr, N, K); break;
+      default: pass<T, 8>(xr, stack, yr, N, K); break;
     }
   }
 }
@@ -128,14 +142,20 @@ void arrange_x(const X* x, float* out, int64_t rows, int64_t K, bool even_odd) {
 }
 
 template <typename T>
-void small_linear_typed(const at::Tensor& x, const T* w, at::Tensor& out, int64_t rows, int64_t N, int64_t K) {
+void small_linear_typed(const at::Tensor& x, at::TensorList ws, at::Tensor& out, int64_t rows, int64_t K) {
+  Stack<T> stack;
+  for (const at::Tensor& w : ws) {
+    stack.weights.push_back(w.const_data_ptr<T>());
+    stack.starts.push_back(stack.starts.back() + w.size(0));
+  }
+  const int64_t N = stack.starts.back();
   at::Tensor xa = at::empty({rows, K}, x.options().dtype(at::kFloat));
   float* xp = xa.mutable_data_ptr<float>();
   const bool fp32_out = out.scalar_type() == at::kFloat;
   at::Tensor y = fp32_out ? out : at::empty({rows, N}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "small_linear", [&] {
     arrange_x(x.const_data_ptr<scalar_t>(), xp, rows, K, Widen<T>::kEvenOdd);
-    run(xp, w, y.mutable_data_ptr<float>(), rows, N, K);
+    run(xp, stack, y.mutable_data_ptr<float>(), rows, K);
     if (!fp32_out) {  // round to x's dtype, as F.linear's output is
       const float* yp = y.const_data_ptr<float>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -144,22 +164,32 @@ void small_linear_typed(const at::Tensor& x, const T* w, at::Tensor& out, int64_
   });
 }
 
-at::Tensor small_linear(const at::Tensor& x_in, const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "small_linear: weight must be a contiguous (N, K) matrix");
-  const int64_t N = w.size(0), K = w.size(1);
+// x @ cat(ws).t(): the weights (same dtype, same K) side by side, as one linear (q/k/v, gate/up).
+at::Tensor small_linear(const at::Tensor& x_in, at::TensorList ws) {
+  TORCH_CHECK(!ws.empty(), "small_linear: no weights");
+  const int64_t K = ws[0].size(-1);
+  int64_t N = 0;
+  for (const at::Tensor& w : ws) {
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "small_linear: weights must be contiguous (N, K) matrices");
+    TORCH_CHECK(w.size(1) == K, "small_linear: weights of ", K, " and ", w.size(1), " features cannot be stacked");
+    TORCH_CHECK(w.scalar_type() == ws[0].scalar_type(), "small_linear: weights of dtypes ", ws[0].scalar_type(), " and ",
+                w.scalar_type(), " cannot be stacked");
+    TORCH_CHECK(w.device().is_cpu(), "small_linear: CPU tensors only");
+    N += w.size(0);
+  }
   TORCH_CHECK(x_in.size(-1) == K, "small_linear: x has ", x_in.size(-1), " features, the weight ", K);
   TORCH_CHECK(K % kChunk == 0, "small_linear: in_features must be a multiple of ", kChunk, ", got ", K);
-  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "small_linear: CPU tensors only");
+  TORCH_CHECK(x_in.device().is_cpu(), "small_linear: CPU tensors only");
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.numel() / K;
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = N;
   at::Tensor out = at::empty(out_shape, x.options());
-  switch (w.scalar_type()) {
-    case at::kFloat: small_linear_typed(x, w.const_data_ptr<float>(), out, rows, N, K); break;
-    case at::kBFloat16: small_linear_typed(x, w.const_data_ptr<at::BFloat16>(), out, rows, N, K); break;
-    case at::kHalf: small_linear_typed(x, w.const_data_ptr<at::Half>(), out, rows, N, K); break;
-    default: TORCH_CHECK(false, "small_linear: weight dtype must be float32, bfloat16 or float16, got ", w.scalar_type());
+  switch (ws[0].scalar_type()) {
+    case at::kFloat: small_linear_typed<float>(x, ws, out, rows, K); break;
+    case at::kBFloat16: small_linear_typed<at::BFloat16>(x, ws, out, rows, K); break;
+    case at::kHalf: small_linear_typed<at::Half>(x, ws, out, rows, K); break;
+    default: TORCH_CHECK(false, "small_linear: weight dtype must be float32, bfloat16 or float16, got ", ws[0].scalar_type());
   }
   return out;
 }
@@ -347,7 +377,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
 }  // namespace
 
 TORCH_LIBRARY(mistral_torch_cpu, m) {
-  m.def("small_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("small_linear(Tensor x, Tensor[] ws) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias) -> Tensor");
 }
 
