@@ -415,3 +415,8 @@ def test_inductor_compiled_decode_runs_the_cpp_kernels(dtype, kernels):
         else:
             assert (got.float() - want[n].float()).abs().max() < 0.05
             assert torch.equal(got[:, 20:].argmax(-1), want[n][:, 20:].argmax(-1))
+    # 10 rows, more than small_linear takes: the same (dynamic) graph, each linear's multi-row kernel
+    many = torch.randint(0, 512, (10, 22), generator=torch.Generator().manual_seed(33))
+    want_many = decode(tiny_model(seed=31, sliding_window=8).to(dtype), many, 19)[0]
+    got_many = decode(model, many, 19)[0]
+    assert (got_many.float() - want_many.float()).abs().max() <= (TOL if dtype == torch.float32 else 0.05)

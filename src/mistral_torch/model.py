@@ -285,7 +285,8 @@ class Transformer(nn.Module):
         On CPU the linears become `fast.PackedLinear`s (same parameters and state-dict keys). On an
         x86 CPU with AVX2 (no AVX-512) `kernels` (default: wherever they build) adds two small C++
         kernels, compiled on first use (~15 s, then cached by torch): `fast.small_linear` for up to
-        8 rows (batch-1 and batched steps read each weight once, at memory speed, bf16 included)
+        8 rows (batch-1 and batched steps read each weight once, at memory speed, bf16 included;
+        q/k/v and gate/up one call each)
         and `fast.decode_attention` (~3x faster than SDPA). Without them the batch-1 step fuses
         each linear into a one-row reduction (`fast.one_row_linear`). Several rows beyond that
         (larger batches, eager prefill) take the fastest kernel this CPU has for the dtype:
