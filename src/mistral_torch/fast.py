@@ -295,6 +295,47 @@ def one_row_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
 
 
+# ---------------------------------------------------------------- weights on huge pages
+HUGE_PAGE = 2 << 20
+HUGE_PAGES = True  # compile_decode() moves the linear weights onto huge pages (Linux); False: not
+
+
+def huge_page_weights(model: nn.Module) -> int:
+    """Move the weights of `model`'s `PackedLinear`s (CPU) into one memory block that Linux backs
+    with 2 MB transparent huge pages (`madvise(MADV_HUGEPAGE)`, honoured unless THP is "never"),
+    one after another in module order, which is the order a decode step reads them. Each weight
+    keeps its own storage (a slice of the block) and its Parameter (`.data` is swapped), so saving,
+    tying and LoRA see nothing new. A decode step streams every weight once: on 4 KB pages that is
+    a TLB miss every 4 KB and a prefetcher that stops at each page; on 2 MB pages `small_linear`
+    read bench-125m's bf16 weights 8-13 % faster here (README, Speed). Returns the bytes moved
+    (0 where not Linux or nothing to move). The block holds the weights' bytes plus at most 2 MB."""
+    import mmap
+
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    params, seen = [], set()
+    for m in model.modules():
+        w = getattr(m, "weight", None) if isinstance(m, PackedLinear) else None
+        if w is not None and w.device.type == "cpu" and id(w) not in seen and w.is_contiguous():
+            seen.add(id(w))
+            params.append(w)
+    if advice is None or platform.system() != "Linux" or not params:
+        return 0
+    align = 64
+    sizes = [-(-p.numel() * p.element_size() // align) * align for p in params]
+    block = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block.madvise(advice)  # before the first touch: the copies below fault in huge pages
+    view = memoryview(block)
+    offset = -torch.frombuffer(view[:1], dtype=torch.uint8).data_ptr() % HUGE_PAGE  # first weight on a 2 MB boundary
+    with torch.no_grad():
+        for p, size in zip(params, sizes):
+            nbytes = p.numel() * p.element_size()
+            dest = torch.frombuffer(view[offset:offset + nbytes], dtype=p.dtype).view(p.shape)  # keeps `block` alive
+            dest.copy_(p)
+            p.data = dest
+            offset += size
+    return offset
+
+
 # ---------------------------------------------------------------- C++ kernels (x86 with AVX2)
 SMALL_MAX_ROWS = 8  # up to this many rows, `small_linear` beats every other kernel here (README, Speed)
 _CSRC = Path(__file__).parent / "csrc" / "decode_kernels.cpp"

@@ -303,6 +303,8 @@ class Transformer(nn.Module):
         onednn = pack if pack is not None else not use_kernels
         if cpu_inductor:
             fast.pack_linears(self)
+            if fast.HUGE_PAGES:
+                fast.huge_page_weights(self)
             kwargs["options"] = {**fast.INDUCTOR_OPTIONS, **(options or {})}
         for m in self.modules():  # also the PackedLinears of an earlier compile_decode
             if isinstance(m, fast.PackedLinear):
