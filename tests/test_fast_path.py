@@ -447,3 +447,20 @@ def test_compile_decode_puts_linear_weights_on_one_huge_page_block(tmp_path):
     save_model(model, tmp_path / "saved")  # separate storages: safetensors writes them
     reloaded = load_model(tmp_path / "saved")
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in before.items())
+
+
+def test_huge_page_weights_leaves_weights_alone_where_the_kernel_refuses(monkeypatch):
+    """A kernel without transparent huge pages refuses the advice: the weights stay where they are."""
+    import mmap
+
+    model = tiny_model(seed=43)
+    fast.pack_linears(model)
+    ptrs = [m.weight.data_ptr() for m in model.modules() if isinstance(m, fast.PackedLinear)]
+
+    class NoAdvice(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(mmap, "mmap", NoAdvice)
+    assert fast.huge_page_weights(model) == 0
+    assert ptrs == [m.weight.data_ptr() for m in model.modules() if isinstance(m, fast.PackedLinear)]

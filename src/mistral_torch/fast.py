@@ -322,8 +322,11 @@ def huge_page_weights(model: nn.Module) -> int:
         return 0
     align = 64
     sizes = [-(-p.numel() * p.element_size() // align) * align for p in params]
-    block = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    block.madvise(advice)  # before the first touch: the copies below fault in huge pages
+    try:
+        block = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        block.madvise(advice)  # before the first touch: the copies below fault in huge pages
+    except OSError:  # a kernel without THP (EINVAL), or no room: the weights stay where they are
+        return 0
     view = memoryview(block)
     offset = -torch.frombuffer(view[:1], dtype=torch.uint8).data_ptr() % HUGE_PAGE  # first weight on a 2 MB boundary
     with torch.no_grad():
