@@ -464,3 +464,22 @@ def test_huge_page_weights_leaves_weights_alone_where_the_kernel_refuses(monkeyp
     monkeypatch.setattr(mmap, "mmap", NoAdvice)
     assert fast.huge_page_weights(model) == 0
     assert ptrs == [m.weight.data_ptr() for m in model.modules() if isinstance(m, fast.PackedLinear)]
+
+
+@needs_kernels
+def test_bench_small_linear_runs(tmp_path):
+    """The kernel benchmark's plumbing (weight groups, both page layouts, JSON) on the tiny preset."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_small_linear.py"
+    out = tmp_path / "sl.json"
+    run = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--dtypes", "bf16", "--rows", "1,3",
+                          "--rounds", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["rows"], r["weights"].split(" (")[0]) for r in rows] == [
+        (1, "4 KB pages"), (1, "2 MB pages"), (3, "4 KB pages"), (3, "2 MB pages")]
+    assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
