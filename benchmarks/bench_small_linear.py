@@ -72,18 +72,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="bench-125m")
-    p.add_argument("--dtypes", default="fp32,bf16", type=lambda s: s.split(","))
-    p.add_argument("--rows", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--rounds", type=int, default=12)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="benchmarks/results/small_linear.json")
-    args = p.parse_args(argv)
-    common.threads_from_env(args.threads)
-    common.write_json(args.out, run(args))
-    return 0
-
+    p = common.side_by_side_parser(__doc__, "--rows", 12, "benchmarks/results/small_linear.json")
+    return common.run_and_save(p.parse_args(argv), run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,7 @@ measured in a fresh child process per contender (`peak_memory`), as RSS high-wat
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -326,6 +327,27 @@ def threads_from_env(default: int | None = None) -> int:
     n = int(os.environ.get("BENCH_THREADS", default or torch.get_num_threads()))
     torch.set_num_threads(n)
     return n
+
+
+def side_by_side_parser(doc: str, counts: str, rounds: int, out: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that compares variants in one process (`ab_decode.py`,
+    `bench_small_linear.py`): --preset, --dtypes, `counts` (a comma list of ints: batch sizes or
+    rows, default 1,8), --rounds, --threads, --out."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--preset", default="bench-125m")
+    p.add_argument("--dtypes", default="fp32,bf16", type=lambda s: s.split(","))
+    p.add_argument(counts, default="1,8", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=out)
+    return p
+
+
+def run_and_save(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict[str, Any]]) -> int:
+    """Set the threads, run, write the JSON; exit status 0."""
+    threads_from_env(args.threads)
+    write_json(args.out, run(args))
+    return 0
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--llama-worker"]:

@@ -388,8 +388,8 @@ def test_decode_attention_equals_sdpa(dtype, group):
 @pytest.mark.parametrize("dtype,kernels", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
 def test_inductor_compiled_decode_runs_the_cpp_kernels(dtype, kernels):
     """The compiled step calls `small_linear` for every linear, q/k/v and gate/up each in one call
-    (but fp32 batch 1: inductor's fused reductions) and `decode_attention` in every layer, at batch 1 and batch 3 (none with
-    kernels=False), with the plain path's logits (fp32: within
+    (but fp32 batch 1: inductor's fused reductions) and `decode_attention` in every layer, at
+    batch 1 and batch 3 (none with kernels=False), with the plain path's logits (fp32: within
     1e-5; bf16: the same greedy tokens and close logits)."""
     from torch.profiler import profile
 
@@ -404,8 +404,8 @@ def test_inductor_compiled_decode_runs_the_cpp_kernels(dtype, kernels):
         with profile() as prof:
             got, _ = decode(model, tokens[:n], 20)
         calls = {e.key: e.count for e in prof.key_averages()}
-        # 4 decode steps after a 20-token prompt
-        # one call for q/k/v, one for gate/up, o_proj, down_proj, lm_head; fp32 b1: inductor's
+        # 4 decode steps after a 20-token prompt, each: one call for q/k/v, one for gate/up, one each
+        # for o_proj, down_proj and lm_head (fp32 batch 1: none, inductor's reductions)
         linears = 0 if dtype == torch.float32 and n == 1 else 4 * (4 * model.args.n_layers + 1)
         assert calls.get("mistral_torch_cpu::small_linear", 0) == kernels * linears, n
         assert calls.get("mistral_torch_cpu::decode_attention", 0) == kernels * 4 * model.args.n_layers, n

@@ -307,7 +307,7 @@ def huge_page_weights(model: nn.Module) -> int:
     keeps its own storage (a slice of the block) and its Parameter (`.data` is swapped), so saving,
     tying and LoRA see nothing new. A decode step streams every weight once: on 4 KB pages that is
     a TLB miss every 4 KB and a prefetcher that stops at each page; on 2 MB pages `small_linear`
-    read bench-125m's bf16 weights 8-13 % faster here (README, Speed). Returns the bytes moved
+    read bench-125m's weights 2-13 % faster here (`benchmarks/bench_small_linear.py`; README, Speed). Returns the bytes moved
     (0 where not Linux or nothing to move). The block holds the weights' bytes plus at most 2 MB."""
     import mmap
 
