@@ -3,6 +3,7 @@ memory along the way (flat once the window is full).
 
     python benchmarks/bench_long.py                      # bench-125m, fp32, positions 100 and 16384
     python benchmarks/bench_long.py --dtype bf16 --compile
+    python benchmarks/bench_long.py --compile --kv-cache int8   # int8 keys/values (a quarter of fp32's bytes)
     python benchmarks/bench_long.py --decode-all         # really decode every token up to 16k (slow)
 
 By default the sequence reaches 16k through chunked prefill (O(n·W), the window's chunks) and
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from mistral_torch import ModelArgs  # noqa: E402
+from mistral_torch.cache import KV_DTYPES  # noqa: E402
 
 
 def rss() -> int:
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     a = ModelArgs.from_name(args.preset)
     a.sliding_window = args.window
     model = common.make_model(a, common.DTYPES[args.dtype])
+    model.kv_cache_dtype = KV_DTYPES[args.kv_cache]
     if args.compile:
         model.compile_decode()
     g = torch.Generator().manual_seed(0)
@@ -107,7 +110,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["rss_range_after_window_MB"] = [min(after), max(after)] if after else None
     rows = [dict(position=f"~{result['position_near']}", tok_s=result["tok_s_near"]),
             dict(position=f"~{result['position_far']}", tok_s=result["tok_s_far"])]
-    print(common.table(rows, [("position", "position", "s"), ("tok_s", f"decode tok/s ({args.dtype})", ".1f")]))
+    label = args.dtype + ("" if args.kv_cache == "auto" else f", {args.kv_cache} cache")
+    print(common.table(rows, [("position", "position", "s"), ("tok_s", f"decode tok/s ({label})", ".1f")]))
     if after:
         lo, hi = result["rss_range_after_window_MB"]
         print(f"ratio far/near: {result['ratio_far_near']:.2f}; RSS growth after the window: "
@@ -127,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="compile the decode step")
+    p.add_argument("--kv-cache", default="auto", choices=sorted(KV_DTYPES),
+                   help="what the cache holds: the model's dtype (auto) or int8 with per-vector scales")
     p.add_argument("--decode-all", action="store_true", help="decode every position (slow) instead of prefilling")
     p.add_argument("--out", default="benchmarks/results/long.json")
     args = p.parse_args(argv)

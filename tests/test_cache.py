@@ -133,3 +133,77 @@ def test_rows_leave_and_join_exactly():
     w8, w16 = tiny_model(seed=33, sliding_window=8).new_cache(1), tiny_model(seed=33, sliding_window=8).new_cache(1, capacity=16)
     with pytest.raises(ValueError, match="fixed capacity"):
         w8.append_rows(w16)
+
+
+# ---------------------------------------------------------------- int8 cache
+def test_quantize_int8_round_trip():
+    """Each vector's largest magnitude maps to ±127, every value within half a step of its original,
+    an all-zero vector to zeros with scale 0."""
+    from mistral_torch.cache import dequantize_int8, quantize_int8
+
+    x = torch.randn(3, 4, 5, 32, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 3, 5)[:, None]
+    x[0, 0, 0] = 0.0
+    values, scale = quantize_int8(x)
+    assert values.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == x.shape[:-1]
+    assert torch.equal(scale, x.abs().amax(-1) / 127)
+    assert torch.equal(values.abs().amax(-1)[scale > 0], torch.full_like(scale[scale > 0], 127, dtype=torch.int8))
+    assert (dequantize_int8(values, scale, torch.float32) - x).abs().le(scale[..., None] * 0.5001).all()
+    assert scale[0, 0, 0] == 0 and not values[0, 0, 0].any()
+    assert dequantize_int8(values, scale, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("window", [8, None])
+def test_int8_cache_decoding_is_chunking_invariant_and_close_to_full(window):
+    """Through an int8 cache every query attends to the keys and values as stored (rounded), also
+    those of its own chunk, so any split of the sequence gives the same logits, far past the window;
+    they stay close to the unquantized forward. In float64: in fp32, a key projected by a one-row
+    and by a many-row matmul can differ in its last bit and round to neighbouring int8 steps."""
+    model = tiny_model(sliding_window=window).double()
+    model.kv_cache_dtype = torch.int8
+    tokens = torch.randint(0, 512, (2, 80), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref, _ = model(tokens, use_cache=False)
+        outs = [run_in_chunks(model, tokens, sizes) for sizes in
+                ([1] * 80, [3, 7, 1, 12, 2, 9, 16, 5, 1, 1, 23], [50, 1, 1, 1, 27], [80])]
+    first, cache = outs[0]
+    assert cache.k[0].dtype == torch.int8 and cache.k_scale[0].shape == cache.k[0].shape[:3]
+    for out, _ in outs[1:]:
+        assert (out - first).abs().max() <= TOL
+    err = (first - ref).abs().max() / ref.abs().max()
+    assert 1e-4 < err < 0.01  # rounded (not exact), and close
+
+
+def test_int8_cache_memory_and_validation():
+    model = tiny_model(sliding_window=8)
+    f32, q8 = model.new_cache(2), model.new_cache(2, kv_dtype=torch.int8)
+    with torch.no_grad():
+        for c in (f32, q8):
+            model(torch.ones(2, 20, dtype=torch.long), cache=c)
+    hd = model.args.head_dim
+    kv_bytes = lambda c: c.nbytes() - c.slot_pos.numel() * 8
+    assert kv_bytes(q8) / kv_bytes(f32) == pytest.approx((hd + 4) / (4 * hd))  # int8 values + an fp32 scale per vector
+    with pytest.raises(ValueError, match="kv_dtype must be the model's dtype"):
+        model.new_cache(1, kv_dtype=torch.float16)
+    with pytest.raises(ValueError, match="cannot join"):
+        f32.append_rows(q8)
+
+
+def test_int8_cache_rows_leave_and_join_exactly():
+    """A running batch on int8 caches (what generation and the server do): rows cut out and joined
+    continue exactly as each row decoded alone through an int8 cache."""
+    model = tiny_model(seed=31, sliding_window=8)
+    model.kv_cache_dtype = torch.int8
+    g = torch.Generator().manual_seed(32)
+    a_tokens, b_tokens = torch.randint(0, 512, (3, 20), generator=g), torch.randint(0, 512, (1, 12), generator=g)
+    with torch.no_grad():
+        ref = [run_in_chunks(model, t[None], [1] * len(t))[0][0] for t in (*a_tokens, *b_tokens)]
+        _, a = model(a_tokens[:, :15])
+        _, b = model(b_tokens[:, :7])
+        a.select_rows(torch.tensor([2, 0]))
+        a.append_rows(b)
+        rows, starts = [a_tokens[2], a_tokens[0], b_tokens[0]], [15, 15, 7]
+        for step in range(5):
+            tok = torch.stack([r[s + step] for r, s in zip(rows, starts)])[:, None]
+            out, a = model(tok, cache=a)
+            for i, want in enumerate([ref[2], ref[0], ref[3]]):
+                assert (out[i, 0] - want[starts[i] + step]).abs().max() <= TOL

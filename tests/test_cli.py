@@ -108,6 +108,20 @@ def test_generate_compile_and_quantize_flags(saved, tmp_path):
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
 
 
+def test_generate_with_an_int8_kv_cache(saved, capsys):
+    """--kv-cache int8: the library's greedy output through an int8 cache (`kv_cache_dtype`)."""
+    folder, model, tok = saved
+    model.kv_cache_dtype = torch.int8
+    try:
+        expected = generate(model, tok, "Le chat", max_new_tokens=12)[0]
+    finally:
+        model.kv_cache_dtype = None
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folder), "Le chat", "--max-new-tokens", "12", "--no-stream",
+                 "--quiet", "--kv-cache", "int8"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_chat_scripted_multi_turn(saved):
     folder, model, tok = saved
     system = {"role": "system", "content": "Translate to French."}

@@ -483,3 +483,63 @@ def test_bench_small_linear_runs(tmp_path):
     assert [(r["rows"], r["weights"].split(" (")[0]) for r in rows] == [
         (1, "4 KB pages"), (1, "2 MB pages"), (3, "4 KB pages"), (3, "2 MB pages")]
     assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_decode_attention_reads_an_int8_cache(dtype, group):
+    """The C++ decode attention over int8 keys and values with their scales equals SDPA (fp32) over
+    the dequantized ones; scales read from a slice of longer buffers, masked keys; bad scales refused."""
+    import torch.nn.functional as F
+
+    from mistral_torch.cache import dequantize_int8, quantize_int8
+
+    g = torch.Generator().manual_seed(group)
+    B, nkv, S, hd = 2, 2, 45, 32
+    (kbuf, ks_buf), (vbuf, vs_buf) = (quantize_int8(torch.randn(B, nkv, S + 19, hd, generator=g) * 3) for _ in range(2))
+    k, v, ks, vs = kbuf[:, :, :S], vbuf[:, :, :S], ks_buf[:, :, :S], vs_buf[:, :, :S]
+    q = torch.randn(B, nkv * group, 1, hd, generator=g).to(dtype)
+    masked = torch.rand(B, 1, 1, S, generator=g) < 0.4
+    masked[..., -1] = False
+    bias = torch.zeros(B, 1, 1, S).masked_fill(masked, float("-inf")).to(dtype)
+    assert fast.decode_attention_fits(q, k, v)
+    got = fast.decode_attention(q, k, v, bias, ks, vs)
+    kf, vf = dequantize_int8(k, ks, torch.float32), dequantize_int8(v, vs, torch.float32)
+    want = F.scaled_dot_product_attention(q.float().reshape(B, nkv, group, hd), kf, vf,
+                                          attn_mask=bias.float()).reshape(B, -1, 1, hd)
+    assert got.shape == q.shape and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else ULP[dtype]
+    assert torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max())
+    with pytest.raises(RuntimeError, match="k_scale and v_scale go with int8"):
+        fast.decode_attention(q, k, v, bias)
+    with pytest.raises(RuntimeError, match="float32 \\(B, Hkv, S\\)"):
+        fast.decode_attention(q, k, v, bias, ks[:, :, :-1], vs[:, :, :-1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inductor_compiled_decode_reads_an_int8_cache(dtype):
+    """The compiled step over an int8 cache: the C++ attention reads int8 in every layer, one graph
+    for every position far past the window, the eager int8 path's logits (fp32: within 1e-5)."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import profile
+
+    torch._dynamo.reset()
+    model = tiny_model(seed=41, sliding_window=8).to(dtype)
+    model.kv_cache_dtype = torch.int8
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(42))
+    want, _ = decode(model, tokens, 4)
+    model.compile_decode()
+    decode(model, tokens[:, :8], 4)  # compile
+    counters.clear()
+    with profile() as prof:
+        got, cache = decode(model, tokens, 4)
+    assert cache.k[0].dtype == torch.int8
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("mistral_torch_cpu::decode_attention", 0) == 36 * model.args.n_layers
+    assert counters["stats"]["unique_graphs"] == 0  # no recompilation at any length
+    if dtype == torch.float32:
+        assert (got - want).abs().max() <= TOL
+    else:
+        assert (got.float() - want.float()).abs().max() < 0.05

@@ -10,6 +10,12 @@ Keys are stored after RoPE, so a slot never needs re-rotating when the buffer wr
 The buffers are allocated lazily: they grow (in steps of at least `GROW` slots, doubling) up to the
 capacity as positions arrive, so a short prompt does not pay for a 4096-slot window up front.
 Nothing wraps before the buffers reach the full capacity, so growing never moves a slot.
+
+`kv_dtype=torch.int8` stores keys and values as int8 with one fp32 scale per token and head
+(symmetric, absmax / 127, as llama.cpp's q8_0 cache with a block of head_dim): a quarter of an fp32
+cache's bytes (plus 4 bytes per head_dim values), half of a bf16 one. Attention then reads the
+rounded values, dequantized (`dequantize_int8`) or, in the compiled CPU decode step, straight from
+int8 by `fast.decode_attention`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,20 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) as int8 values (..., D) and fp32 scales (...,): x ~= values * scale, symmetric,
+    scale = max |x| / 127 over the last dimension (0 for an all-zero vector)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1) / 127.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return torch.round(xf * inv[..., None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize_int8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `quantize_int8`, in `dtype`."""
+    return (values.float() * scale[..., None]).to(dtype)
+
+
 def _pad(t: torch.Tensor, dim: int, size: int, value: int) -> torch.Tensor:
     """`t` extended along `dim` to `size` with `value` (unchanged when already that long)."""
     extra = size - t.shape[dim]
@@ -50,24 +70,36 @@ def _pad(t: torch.Tensor, dim: int, size: int, value: int) -> torch.Tensor:
     return torch.cat([t, t.new_full(shape, value)], dim=dim)
 
 
+KV_DTYPES = {"auto": None, "int8": torch.int8}  # names of the cache dtypes users pick (CLI --kv-cache)
+
+
 class RollingKVCache:
     """Rolling-buffer key/value cache for all layers of one batch of sequences.
 
     k[i], v[i]: (B, n_kv_heads, allocated, head_dim) for layer i (allocated grows to capacity).
+    k_scale[i], v_scale[i]: (B, n_kv_heads, allocated) fp32 scales of an int8 cache (else empty lists).
     slot_pos:   (B, capacity) absolute position held by each slot, -1 when empty.
     next_pos:   (B,) position the next token of each row will take.
+    dtype: the model's (attention's) dtype; kv_dtype: what the buffers hold (dtype, or torch.int8).
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
                  capacity: int, window: int | None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", kv_dtype: torch.dtype | None = None) -> None:
         if capacity <= 0 or batch_size <= 0:
             raise ValueError(f"cache capacity and batch size must be positive, got {capacity} and {batch_size}")
         if window is not None and capacity < window:
             raise ValueError(f"cache capacity {capacity} is smaller than the sliding window {window}")
+        kv_dtype = kv_dtype or dtype
+        if kv_dtype != dtype and kv_dtype != torch.int8:
+            raise ValueError(f"kv_dtype must be the model's dtype ({dtype}) or torch.int8, got {kv_dtype}")
+        self.dtype, self.kv_dtype = dtype, kv_dtype
         shape = (batch_size, n_kv_heads, min(capacity, GROW), head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in range(n_layers)]
+        n_scales = n_layers if self.quantized else 0
+        self.k_scale = [torch.zeros(shape[:3], device=device) for _ in range(n_scales)]
+        self.v_scale = [torch.zeros(shape[:3], device=device) for _ in range(n_scales)]
         self.slot_pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.capacity = capacity
@@ -78,13 +110,26 @@ class RollingKVCache:
     def batch_size(self) -> int:
         return self.slot_pos.shape[0]
 
+    @property
+    def quantized(self) -> bool:
+        return self.kv_dtype == torch.int8
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every per-slot buffer (keys, values, and an int8 cache's scales); slots along dim 2."""
+        return [*self.k, *self.v, *self.k_scale, *self.v_scale]
+
     def nbytes(self) -> int:
-        """Bytes held by the key/value buffers and slot positions."""
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, self.slot_pos))
+        """Bytes held by the key/value buffers (with scales) and slot positions."""
+        return sum(t.numel() * t.element_size() for t in (*self.buffers(), self.slot_pos))
 
     @property
     def allocated(self) -> int:
         return self.k[0].shape[2]
+
+    def _map_buffers(self, fn) -> None:
+        """Replace every per-slot buffer `t` by `fn(t)`."""
+        self.k, self.v = [fn(t) for t in self.k], [fn(t) for t in self.v]
+        self.k_scale, self.v_scale = [fn(t) for t in self.k_scale], [fn(t) for t in self.v_scale]
 
     def reserve(self, n: int) -> None:
         """Grow the buffers to hold at least `n` slots (doubling, capped at the capacity)."""
@@ -92,8 +137,7 @@ class RollingKVCache:
         if n <= self.allocated:
             return
         n = min(self.capacity, max(-(-n // GROW) * GROW, 2 * self.allocated))
-        grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], n - t.shape[2], t.shape[3])], dim=2)
-        self.k, self.v = [grow(t) for t in self.k], [grow(t) for t in self.v]
+        self._map_buffers(lambda t: _pad(t, 2, n, 0))
 
     def reset(self) -> None:
         self.slot_pos.fill_(-1)
@@ -103,8 +147,7 @@ class RollingKVCache:
     # ------------------------------------------------------------------ batch rows
     def select_rows(self, keep: torch.Tensor) -> None:
         """Keep only rows `keep` (1-D index) of the batch, in that order (finished rows leave)."""
-        self.k = [k.index_select(0, keep) for k in self.k]
-        self.v = [v.index_select(0, keep) for v in self.v]
+        self._map_buffers(lambda t: t.index_select(0, keep))
         self.slot_pos = self.slot_pos.index_select(0, keep)
         self.next_pos = self.next_pos.index_select(0, keep)
 
@@ -118,15 +161,16 @@ class RollingKVCache:
         """
         if self.capacity != other.capacity and (self.window is not None or other.window is not None):
             raise ValueError("caches with a sliding window have a fixed capacity: they must match to be joined")
+        if self.kv_dtype != other.kv_dtype:
+            raise ValueError(f"a cache of {other.kv_dtype} cannot join one of {self.kv_dtype}")
         capacity = max(self.capacity, other.capacity)
         allocated = max(self.allocated, other.allocated)
         for c in (self, other):
             c.slot_pos = _pad(c.slot_pos, 1, capacity, -1)
-            c.k = [_pad(k, 2, allocated, 0) for k in c.k]
-            c.v = [_pad(v, 2, allocated, 0) for v in c.v]
+            c._map_buffers(lambda t: _pad(t, 2, allocated, 0))
             c.capacity = capacity
-        self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
-        self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
+        joined = iter([torch.cat([a, b]) for a, b in zip(self.buffers(), other.buffers())])
+        self._map_buffers(lambda t: next(joined))
         self.slot_pos = torch.cat([self.slot_pos, other.slot_pos])
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.length = max(self.length, other.length)
@@ -173,10 +217,21 @@ class RollingKVCache:
         rows, cols = keep.nonzero(as_tuple=True)
         return rows, cols, q_pos[rows, cols] % self.capacity
 
+    def layer_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Layer `layer`'s keys, values and (int8 cache) their scales, else None, None."""
+        if self.quantized:
+            return self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer]
+        return self.k[layer], self.v[layer], None, None
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-              index: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        """Store new keys/values (B, n_kv_heads, T, head_dim) of `layer` at `index` (see `_write_index`)."""
+              index: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+        """Store new keys/values (B, n_kv_heads, T, head_dim) of `layer` at `index` (see `_write_index`);
+        an int8 cache takes `quantize_int8`'s values and scales."""
         rows, cols, slots = index
+        if self.quantized:
+            self.k_scale[layer][rows, :, slots] = k_scale[rows, :, cols]
+            self.v_scale[layer][rows, :, slots] = v_scale[rows, :, cols]
         self.k[layer][rows, :, slots] = k[rows, :, cols]
         self.v[layer][rows, :, slots] = v[rows, :, cols]
 
@@ -200,19 +255,33 @@ class CacheStep:
     def bias(self) -> torch.Tensor:
         """The additive attention bias (B, 1, T, S) of this chunk: built once per forward, inside
         the compiled graph for a compiled decode step (one fused kernel instead of eight)."""
-        return attention_bias(attention_mask(self.q_pos, self.k_pos, self.cache.window), self.cache.k[0].dtype)
+        return attention_bias(attention_mask(self.q_pos, self.k_pos, self.cache.window), self.cache.dtype)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values (B, n_kv_heads, S, head_dim) this chunk attends to, matching `k_pos`."""
+        """Keys/values (B, n_kv_heads, S, head_dim) this chunk attends to, matching `k_pos`, in the
+        model's dtype (an int8 cache's dequantized: the chunk's own keys too, rounded as stored)."""
+        keys, values, k_scale, v_scale = self.stored_keys_values(layer, k, v)
+        if k_scale is None:
+            return keys, values
+        dtype = self.cache.dtype
+        return dequantize_int8(keys, k_scale, dtype), dequantize_int8(values, v_scale, dtype)
+
+    def stored_keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`keys_values` as stored: keys, values, and for an int8 cache their scales (B, n_kv_heads,
+        S) (else None, None): the compiled CPU decode step reads int8 directly."""
         c = self.cache
+        k_scale = v_scale = None
+        if c.quantized:
+            (k, k_scale), (v, v_scale) = quantize_int8(k), quantize_int8(v)
+        new = (k, v, k_scale, v_scale)
         if self.write_first:
-            c.write(layer, k, v, self.index)
+            c.write(layer, k, v, self.index, k_scale, v_scale)
             used = self.k_pos.shape[-1]  # == self.used; read from k_pos so a compiled step need not specialise on it
-            return c.k[layer][:, :, :used], c.v[layer][:, :, :used]
+            return tuple(t if t is None else t[:, :, :used] for t in c.layer_buffers(layer))
         if self.used == 0:
-            c.write(layer, k, v, self.index)
-            return k, v
-        keys = torch.cat([c.k[layer], k], dim=2)
-        values = torch.cat([c.v[layer], v], dim=2)
-        c.write(layer, k, v, self.index)
-        return keys, values
+            kept = new
+        else:  # read the old buffers before the chunk overwrites slots its queries still see
+            kept = tuple(a if a is None else torch.cat([a, b], dim=2) for a, b in zip(c.layer_buffers(layer), new))
+        c.write(layer, k, v, self.index, k_scale, v_scale)
+        return kept

@@ -55,6 +55,16 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
                         "the first time (~5 s later, from inductor's on-disk cache) "
                         "(pays for long outputs; on x86 AVX2 CPUs it also builds two C++ kernels once, ~15 s; "
                         "elsewhere fp32 weights are packed for oneDNN: 2x their memory)")
+    p.add_argument("--kv-cache", default="auto", choices=["auto", "int8"],
+                   help="what the key/value cache holds: the weights' dtype (auto), or int8 with one scale per "
+                        "token and head: a quarter of fp32's memory (half of bf16's), logits within ~1e-2")
+
+
+def cache_dtype(name: str):
+    """The `--kv-cache` choice as `Transformer.kv_cache_dtype`."""
+    from .cache import KV_DTYPES
+
+    return KV_DTYPES[name]
 
 
 def _unescape(text: str) -> str:
@@ -89,6 +99,7 @@ def _load_for_generation(args: argparse.Namespace):
         from .quantize import quantize_model
 
         model = quantize_model(model, args.quantize) or model
+    model.kv_cache_dtype = cache_dtype(args.kv_cache)
     if args.compile:
         model.compile_decode()
         if not args.quiet:
@@ -259,6 +270,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the decode step, compiled before serving (30-60 s on a CPU; faster "
                         "decoding of the running batch; on x86 AVX2 CPUs with two C++ kernels built once, "
                         "elsewhere fp32 weights packed for oneDNN: 2x memory)")
+    p.add_argument("--kv-cache", default="auto", choices=["auto", "int8"],
+                   help="what the key/value cache holds: the weights' dtype (auto), or int8 with one scale per "
+                        "token and head: a quarter of fp32's memory (half of bf16's), logits within ~1e-2")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight may take to finish after SIGTERM (default: 30)")
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -292,6 +306,7 @@ def _serve(args: argparse.Namespace) -> int:
         from .lora import load_adapter
 
         model = load_adapter(model, args.adapter) or model
+    model.kv_cache_dtype = cache_dtype(args.kv_cache)
     if args.compile:
         print("compiling the decode step for batch sizes 1 and 2+ ...", flush=True)
         model.eval().compile_decode().warm_up_decode()

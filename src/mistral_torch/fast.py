@@ -369,7 +369,8 @@ def cpp_kernels() -> bool:
         return False
     torch.library.register_fake("mistral_torch_cpu::small_linear")(
         lambda x, ws: x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in ws))))
-    torch.library.register_fake("mistral_torch_cpu::decode_attention")(lambda q, k, v, bias: q.new_empty(q.shape))
+    torch.library.register_fake("mistral_torch_cpu::decode_attention")(
+        lambda q, k, v, bias, k_scale=None, v_scale=None: q.new_empty(q.shape))
     _kernels_loaded = True
     return True
 
@@ -404,15 +405,18 @@ def small_linear(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `decode_attention` takes this step: kernels loaded, CPU, one float dtype, head_dim a
-    multiple of 16 with unit stride, at most 8 query heads per kv head."""
+    """Whether `decode_attention` takes this step: kernels loaded, CPU, a float q and k, v of its
+    dtype or int8, head_dim a multiple of 16 with unit stride, at most 8 query heads per kv head."""
     return (_kernels_loaded and q.device.type == "cpu" and q.dtype in (torch.float32, *_LOW_PRECISION)
-            and k.dtype == q.dtype == v.dtype and q.shape[-1] % 16 == 0 and k.stride(-1) == v.stride(-1) == 1
+            and k.dtype == v.dtype and k.dtype in (q.dtype, torch.int8) and q.shape[-1] % 16 == 0
+            and k.stride(-1) == v.stride(-1) == 1
             and q.shape[1] % k.shape[1] == 0 and q.shape[1] // k.shape[1] <= SMALL_MAX_ROWS)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query per row, q (B, nh, 1, hd), over k, v (B, nkv, S, hd) plus bias (B, 1, 1, S), by the
     AVX2 kernel of `csrc/decode_kernels.cpp`: each kv head's keys and values read once for the query
-    heads that share it, softmax in fp32; ~3x faster than SDPA here (README, Speed)."""
-    return torch.ops.mistral_torch_cpu.decode_attention(q, k, v, bias)
+    heads that share it, softmax in fp32; ~3x faster than SDPA here (README, Speed). An int8 cache
+    (`cache.quantize_int8`) passes its keys and values as int8 with their scales (B, nkv, S)."""
+    return torch.ops.mistral_torch_cpu.decode_attention(q, k, v, bias, k_scale, v_scale)

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import fast
 from .args import ModelArgs
-from .cache import CacheStep, RollingKVCache, attention_bias, attention_mask
+from .cache import CacheStep, RollingKVCache, attention_bias, attention_mask, dequantize_int8
 
 
 # Prompts longer than the window go through in chunks of max(window, this): attention then costs
@@ -76,15 +76,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                     cpp: bool = False) -> torch.Tensor:
+                     cpp: bool = False, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per row, q (B, nh, 1, hd), over k, v (B, nkv, S, hd) with an additive
     bias (B, 1, 1, S). The query heads that share a kv head become that head's `group` queries
     (all at the same position, so one bias row serves them), and SDPA reads K and V once per kv
     head. On an AVX2 CPU at S = 4096 this is 8x faster than two bf16 matmuls (no bf16 hardware)
     and level with fp32 ones; with one query per head, SDPA would read K and V once per query head.
-    `cpp`: through the C++ kernel where it fits (`fast.decode_attention`, ~3x faster on AVX2)."""
+    `cpp`: through the C++ kernel where it fits (`fast.decode_attention`, ~3x faster on AVX2).
+    An int8 cache gives k, v as stored with their scales (`CacheStep.stored_keys_values`)."""
     if cpp and fast.decode_attention_fits(q, k, v):
-        return fast.decode_attention(q, k, v, bias)
+        return fast.decode_attention(q, k, v, bias, k_scale, v_scale)
+    if k_scale is not None:
+        k, v = dequantize_int8(k, k_scale, q.dtype), dequantize_int8(v, v_scale, q.dtype)
     B, nh, _, hd = q.shape
     nkv = k.shape[1]
     qg = q.reshape(B, nkv, nh // nkv, hd)  # query heads grouped by the kv head they share
@@ -110,11 +114,14 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if step is not None:
-            k, v = step.keys_values(layer, k, v)  # (B, nkv, S, hd), S = keys visible to this chunk
+        k_scale = v_scale = None  # an int8 cache's, for decode_attention
+        if step is not None and T == 1:
+            k, v, k_scale, v_scale = step.stored_keys_values(layer, k, v)  # (B, nkv, S, hd), S = keys visible
+        elif step is not None:
+            k, v = step.keys_values(layer, k, v)  # in the model's dtype
         gqa = self.n_kv_heads != self.n_heads
         if T == 1 and mask is not None:  # decode: one query per row
-            y = decode_attention(q, k, v, mask, self.cpp_decode)
+            y = decode_attention(q, k, v, mask, self.cpp_decode, k_scale, v_scale)
         elif mask is None:  # plain causal attention over the chunk itself
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
@@ -165,6 +172,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.activation_checkpointing = False  # set by the trainer
+        self.kv_cache_dtype: torch.dtype | None = None  # new caches' buffers: None = the model's dtype, or torch.int8
         self._decode_step = None  # a compiled `_run` for one-token steps (see `compile_decode`)
 
     @property
@@ -192,15 +200,19 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
         return self
 
-    def new_cache(self, batch_size: int, capacity: int | None = None) -> RollingKVCache:
-        """An empty cache: capacity = sliding window (default), or max_seq_len without one."""
+    def new_cache(self, batch_size: int, capacity: int | None = None,
+                  kv_dtype: torch.dtype | None = None) -> RollingKVCache:
+        """An empty cache: capacity = sliding window (default), or max_seq_len without one; keys
+        and values held as `kv_dtype` (default `self.kv_cache_dtype`: None is the model's dtype;
+        torch.int8 quarters an fp32 cache, see `cache.py`)."""
         a = self.args
         if capacity is None:
             capacity = a.sliding_window or a.max_seq_len
         if a.sliding_window is not None:
             capacity = max(capacity, a.sliding_window)
         return RollingKVCache(a.n_layers, batch_size, a.n_kv_heads, a.head_dim, capacity,
-                              a.sliding_window, dtype=self.dtype, device=self.device)
+                              a.sliding_window, dtype=self.dtype, device=self.device,
+                              kv_dtype=kv_dtype or self.kv_cache_dtype)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if not isinstance(tokens, torch.Tensor):
@@ -353,7 +365,7 @@ class Transformer(nn.Module):
         if not static and cache.allocated > 1:
             torch._dynamo.mark_dynamic(step.k_pos, 1)
             if id(cache.k[0]) != self._dynamic_buffers:  # a new cache, or grown buffers
-                for t in (*cache.k, *cache.v):
+                for t in cache.buffers():
                     torch._dynamo.mark_dynamic(t, 2)
                 self._dynamic_buffers = id(cache.k[0])
         logits = self._decode_step(tokens, positions, step, False)

@@ -11,7 +11,9 @@
 // so x is laid out even/odd per chunk to match. fp16 uses F16C's vcvtph2ps; fp32 is loaded as is.
 //
 // decode_attention: one query per row over the cached keys and values; the query heads that share
-// a kv head read its keys and values once, widened the same way; softmax in fp32.
+// a kv head read its keys and values once, widened the same way; softmax in fp32. An int8 cache
+// (one fp32 scale per key or value vector) is widened by sign extension and conversion, its key
+// scales applied to the scores and its value scales to the softmax weights.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,6 +24,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -44,6 +47,14 @@ template <> struct Widen<at::Half> {
   static inline void load(const at::Half* p, __m256& a, __m256& b) {
     a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  }
+};
+template <> struct Widen<int8_t> {
+  static constexpr bool kEvenOdd = false;
+  static inline void load(const int8_t* p, __m256& a, __m256& b) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
   }
 };
 template <> struct Widen<at::BFloat16> {
@@ -214,63 +225,72 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(too_small, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
 }
 
+// Scores of KS keys from `s` on for the G queries: q.k * kscale + bias, stored in `scores` (G x S),
+// each query's running maximum raised to them. The G x KS dot products accumulate side by side in
+// registers (independent chains keep both FMA units busy) and are summed across lanes together.
+template <typename T, typename Q, int G, int KS>
+inline void score_keys(const float* q, const T* k, int64_t ldk, int64_t s, int64_t S, int64_t D, const Q* bias,
+                       int64_t bias_step, const float* kscale, float* scores, float* mx) {
+  __m256 acc[G][KS];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < KS; ++j) acc[g][j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += kChunk) {
+    for (int j = 0; j < KS; ++j) {
+      __m256 a, b;
+      Widen<T>::load(k + (s + j) * ldk + d, a, b);
+      for (int g = 0; g < G; ++g) {
+        acc[g][j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(q + g * D + d), acc[g][j]);
+        acc[g][j] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q + g * D + d + 8), acc[g][j]);
+      }
+    }
+  }
+  float add[KS], mul[KS];
+  for (int j = 0; j < KS; ++j) {
+    add[j] = static_cast<float>(bias[(s + j) * bias_step]);
+    mul[j] = kscale ? kscale[s + j] : 1.0f;
+  }
+  for (int g = 0; g < G; ++g) {
+    float* row = scores + g * S + s;
+    if constexpr (KS == 4) {
+      const __m128 v = _mm_fmadd_ps(sum8x4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), _mm_loadu_ps(mul), _mm_loadu_ps(add));
+      _mm_storeu_ps(row, v);
+      const __m128 m = _mm_max_ps(v, _mm_movehl_ps(v, v));
+      mx[g] = std::max(mx[g], _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))));
+    } else {
+      for (int j = 0; j < KS; ++j) mx[g] = std::max(mx[g], row[j] = sum8(acc[g][j]) * mul[j] + add[j]);
+    }
+  }
+}
+
 // One kv head of one row: the G query heads that share it (q: G x D, arranged like x above and
 // pre-scaled) attend to its S keys/values (rows `ldk` / `ldv` elements apart), with `bias` (S values,
-// `bias_step` apart) added to every query's scores. `scores` is scratch (G x S); `out` (G x D, arranged) gets the result.
-template <typename T, int G>
+// `bias_step` apart) added to every query's scores. An int8 cache passes the S scales of its keys and
+// values (`kscale`, `vscale`; else null). `scores` is scratch (G x S); `out` (G x D, arranged) gets the result.
+template <typename T, typename Q, int G>
 void attend(const float* q, const T* k, const T* v, int64_t ldk, int64_t ldv, int64_t S, int64_t D,
-            const T* bias, int64_t bias_step, float* scores, float* out) {
-  // Scores: one pass over the keys. Up to 3 queries, 4 keys at a time, summed across lanes together.
-  constexpr int KS = G <= 3 ? 4 : 1;
+            const Q* bias, int64_t bias_step, const float* kscale, const float* vscale, float* scores, float* out) {
+  // Scores: one pass over the keys, KS at a time (G x KS accumulators fit the 16 vector registers).
+  constexpr int KS = G <= 3 ? 4 : G <= 6 ? 2 : 1;
+  float mx[G];
+  for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
   int64_t s = 0;
-  for (; KS == 4 && s + 4 <= S; s += 4) {
-    __m256 acc[G][4];
-    for (int g = 0; g < G; ++g)
-      for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += kChunk) {
-      for (int j = 0; j < 4; ++j) {
-        __m256 a, b;
-        Widen<T>::load(k + (s + j) * ldk + d, a, b);
-        for (int g = 0; g < G; ++g) {
-          acc[g][j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(q + g * D + d), acc[g][j]);
-          acc[g][j] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q + g * D + d + 8), acc[g][j]);
-        }
-      }
-    }
-    const __m128 add = _mm_setr_ps(static_cast<float>(bias[s * bias_step]), static_cast<float>(bias[(s + 1) * bias_step]),
-                                   static_cast<float>(bias[(s + 2) * bias_step]), static_cast<float>(bias[(s + 3) * bias_step]));
-    for (int g = 0; g < G; ++g)
-      _mm_storeu_ps(scores + g * S + s, _mm_add_ps(sum8x4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), add));
-  }
-  for (; s < S; ++s) {
-    __m256 acc[G];
-    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += kChunk) {
-      __m256 a, b;
-      Widen<T>::load(k + s * ldk + d, a, b);
-      for (int g = 0; g < G; ++g) {
-        acc[g] = _mm256_fmadd_ps(a, _mm256_loadu_ps(q + g * D + d), acc[g]);
-        acc[g] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q + g * D + d + 8), acc[g]);
-      }
-    }
-    const float add = static_cast<float>(bias[s * bias_step]);
-    for (int g = 0; g < G; ++g) scores[g * S + s] = sum8(acc[g]) + add;
-  }
+  for (; s + KS <= S; s += KS) score_keys<T, Q, G, KS>(q, k, ldk, s, S, D, bias, bias_step, kscale, scores, mx);
+  for (; s < S; ++s) score_keys<T, Q, G, 1>(q, k, ldk, s, S, D, bias, bias_step, kscale, scores, mx);
   float total[G];
   for (int g = 0; g < G; ++g) {  // softmax numerators, in place, and their sums
     float* row = scores + g * S;
-    float mx = -INFINITY;
-    for (int64_t s = 0; s < S; ++s) mx = std::max(mx, row[s]);
-    if (mx == -INFINITY) mx = 0.0f;  // every key masked: zero output rather than NaN
+    const float m = mx[g] == -INFINITY ? 0.0f : mx[g];  // every key masked: zero output rather than NaN
     __m256 sum = _mm256_setzero_ps();
     int64_t s = 0;
     for (; s + 8 <= S; s += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), _mm256_set1_ps(mx)));
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), _mm256_set1_ps(m)));
       _mm256_storeu_ps(row + s, e);
       sum = _mm256_add_ps(sum, e);
     }
     total[g] = sum8(sum);
-    for (; s < S; ++s) total[g] += (row[s] = std::exp(row[s] - mx));
+    for (; s < S; ++s) total[g] += (row[s] = std::exp(row[s] - m));
+    if (vscale)  // the weights of int8 values carry their scales
+      for (s = 0; s < S; ++s) row[s] *= vscale[s];
   }
   // Weighted sum: one pass over the values, in blocks of keys whose values stay in L1 while each
   // chunk of head_dim accumulates in registers.
@@ -305,50 +325,56 @@ void attend(const float* q, const T* k, const T* v, int64_t ldk, int64_t ldv, in
   }
 }
 
-template <typename T>
+template <typename T, typename Q>
 void attend_any_group(int G, const float* q, const T* k, const T* v, int64_t ldk, int64_t ldv, int64_t S, int64_t D,
-                      const T* bias, int64_t bias_step, float* scores, float* out) {
+                      const Q* bias, int64_t bias_step, const float* kscale, const float* vscale, float* scores,
+                      float* out) {
   switch (G) {
-    case 1: attend<T, 1>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
-    case 2: attend<T, 2>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
-    case 3: attend<T, 3>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
-    case 4: attend<T, 4>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
-    case 5: attend<T, 5>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
-    case 6: attend<T, 6>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
-    case 7: attend<T, 7>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
-    default: attend<T, 8>(q, k, v, ldk, ldv, S, D, bias, bias_step, scores, out); break;
+    case 1: attend<T, Q, 1>(q, k, v, ldk, ldv, S, D, bias, bias_step, kscale, vscale, scores, out); break;
+    case 2: attend<T, Q, 2>(q, k, v, ldk, ldv, S, D, bias, bias_step, kscale, vscale, scores, out); break;
+    case 3: attend<T, Q, 3>(q, k, v, ldk, ldv, S, D, bias, bias_step, kscale, vscale, scores, out); break;
+    case 4: attend<T, Q, 4>(q, k, v, ldk, ldv, S, D, bias, bias_step, kscale, vscale, scores, out); break;
+    case 5: attend<T, Q, 5>(q, k, v, ldk, ldv, S, D, bias, bias_step, kscale, vscale, scores, out); break;
+    case 6: attend<T, Q, 6>(q, k, v, ldk, ldv, S, D, bias, bias_step, kscale, vscale, scores, out); break;
+    case 7: attend<T, Q, 7>(q, k, v, ldk, ldv, S, D, bias, bias_step, kscale, vscale, scores, out); break;
+    default: attend<T, Q, 8>(q, k, v, ldk, ldv, S, D, bias, bias_step, kscale, vscale, scores, out); break;
   }
 }
 
-template <typename T>
+// T: the cache's element type; Q: that of q, bias and out (the same, or any float type over int8).
+template <typename T, typename Q>
 void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-                            at::Tensor& out, int G) {
+                            const float* ksp, const float* vsp, int64_t ls0, int64_t ls1, at::Tensor& out, int G) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   const float scale = 1.0f / std::sqrt(float(D));
   constexpr bool even_odd = Widen<T>::kEvenOdd;
-  const T* qp = q.const_data_ptr<T>();
+  const Q* qp = q.const_data_ptr<Q>();
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
-  const T* bp = bias.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
+  const Q* bp = bias.const_data_ptr<Q>();
+  Q* op = out.mutable_data_ptr<Q>();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qf(G * D), o(G * D), scores(G * S);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, h = t % Hkv;
       arrange_x(qp + (b * Hq + h * G) * D, qf.data(), G, D, even_odd);
       for (auto& x : qf) x *= scale;
-      attend_any_group<T>(G, qf.data(), kp + b * k.stride(0) + h * k.stride(1), vp + b * v.stride(0) + h * v.stride(1),
-                          k.stride(2), v.stride(2), S, D, bp + b * bias.stride(0), bias.stride(3), scores.data(), o.data());
-      T* dst = op + (b * Hq + h * G) * D;
+      const int64_t at = b * ls0 + h * ls1;  // this head's scales (int8 cache)
+      attend_any_group<T, Q>(G, qf.data(), kp + b * k.stride(0) + h * k.stride(1), vp + b * v.stride(0) + h * v.stride(1),
+                             k.stride(2), v.stride(2), S, D, bp + b * bias.stride(0), bias.stride(3),
+                             ksp ? ksp + at : nullptr, vsp ? vsp + at : nullptr, scores.data(), o.data());
+      Q* dst = op + (b * Hq + h * G) * D;
       for (int64_t i = 0; i < G * D; i += kChunk)  // back from the arranged order
-        for (int j = 0; j < kChunk; ++j) dst[i + natural(j, even_odd)] = static_cast<T>(o[i + j]);
+        for (int j = 0; j < kChunk; ++j) dst[i + natural(j, even_odd)] = static_cast<Q>(o[i + j]);
     }
   });
 }
 
-// q (B, Hq, 1, D); k, v (B, Hkv, S, D) with unit stride along D; bias (B, 1, 1, S).
+// q (B, Hq, 1, D); k, v (B, Hkv, S, D) with unit stride along D; bias (B, 1, 1, S); for an int8
+// cache, k_scale and v_scale (B, Hkv, S) fp32 with unit stride along S.
 // Returns softmax(q k^T / sqrt(D) + bias) v as (B, Hq, 1, D), reading K and V once per kv head.
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_in) {
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_in,
+                            const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q_in.size(2) == 1,
               "decode_attention: q (B, Hq, 1, D) and k, v (B, Hkv, S, D) expected");
   const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(3), Hkv = k.size(1), S = k.size(2);
@@ -358,17 +384,40 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
               Hkv, " kv heads (a group of at most ", kMaxRows, ")");
   TORCH_CHECK(D % kChunk == 0 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: head_dim must be a multiple of ", kChunk,
               " with unit stride");
-  TORCH_CHECK(q_in.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
-              "decode_attention: q, k and v must share a dtype");
+  const bool int8 = k.scalar_type() == at::kChar;
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (int8 || q_in.scalar_type() == k.scalar_type()),
+              "decode_attention: k and v must share q's dtype, or be int8 with scales");
+  TORCH_CHECK(int8 == (k_scale.has_value() && v_scale.has_value()) && k_scale.has_value() == v_scale.has_value(),
+              "decode_attention: k_scale and v_scale go with int8 keys and values, and only with them");
+  const float *ksp = nullptr, *vsp = nullptr;
+  int64_t ls0 = 0, ls1 = 0;
+  if (int8) {
+    const at::Tensor &ks = *k_scale, &vs = *v_scale;
+    TORCH_CHECK(ks.scalar_type() == at::kFloat && vs.scalar_type() == at::kFloat && ks.dim() == 3 &&
+                    ks.sizes() == vs.sizes() && ks.strides() == vs.strides() && ks.size(0) == B && ks.size(1) == Hkv &&
+                    ks.size(2) == S && ks.stride(2) == 1,
+                "decode_attention: k_scale and v_scale must be float32 (B, Hkv, S) with unit stride along S");
+    ksp = ks.const_data_ptr<float>();
+    vsp = vs.const_data_ptr<float>();
+    ls0 = ks.stride(0);
+    ls1 = ks.stride(1);
+  }
   const int G = int(Hq / Hkv);
   const at::Tensor q = q_in.contiguous();
   TORCH_CHECK(bias_in.scalar_type() == q_in.scalar_type(), "decode_attention: the bias must have q's dtype");
   const at::Tensor bias = bias_in.expand({B, 1, 1, S});  // a view: read in place, in its dtype
   at::Tensor out = at::empty({B, Hq, 1, D}, q.options());
   switch (q.scalar_type()) {
-    case at::kFloat: decode_attention_typed<float>(q, k, v, bias, out, G); break;
-    case at::kBFloat16: decode_attention_typed<at::BFloat16>(q, k, v, bias, out, G); break;
-    case at::kHalf: decode_attention_typed<at::Half>(q, k, v, bias, out, G); break;
+#define MT_ATTEND(Q)                                                                               \
+  if (int8)                                                                                        \
+    decode_attention_typed<int8_t, Q>(q, k, v, bias, ksp, vsp, ls0, ls1, out, G);                   \
+  else                                                                                             \
+    decode_attention_typed<Q, Q>(q, k, v, bias, nullptr, nullptr, 0, 0, out, G);                   \
+  break;
+    case at::kFloat: MT_ATTEND(float)
+    case at::kBFloat16: MT_ATTEND(at::BFloat16)
+    case at::kHalf: MT_ATTEND(at::Half)
+#undef MT_ATTEND
     default: TORCH_CHECK(false, "decode_attention: dtype must be float32, bfloat16 or float16, got ", q.scalar_type());
   }
   return out;
@@ -378,7 +427,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
 
 TORCH_LIBRARY(mistral_torch_cpu, m) {
   m.def("small_linear(Tensor x, Tensor[] ws) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistral_torch_cpu, CPU, m) {
