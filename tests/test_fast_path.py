@@ -490,27 +490,38 @@ def test_bench_small_linear_runs(tmp_path):
 @pytest.mark.parametrize("group", [1, 3, 8])
 def test_decode_attention_reads_an_int8_cache(dtype, group):
     """The C++ decode attention over int8 keys and values with their scales equals SDPA (fp32) over
-    the dequantized ones; scales read from a slice of longer buffers, masked keys; bad scales refused."""
+    the dequantized ones; scales read from a slice of longer buffers, masked keys; bad scales refused.
+    With head_dim 64 the kernel also rounds the query to int8 (integer dot products): exact here for
+    queries on an int8 grid, within the rounding for any other."""
     import torch.nn.functional as F
 
     from mistral_torch.cache import dequantize_int8, quantize_int8
 
     g = torch.Generator().manual_seed(group)
-    B, nkv, S, hd = 2, 2, 45, 32
+    B, nkv, S, hd = 2, 2, 45, 64
     (kbuf, ks_buf), (vbuf, vs_buf) = (quantize_int8(torch.randn(B, nkv, S + 19, hd, generator=g) * 3) for _ in range(2))
     k, v, ks, vs = kbuf[:, :, :S], vbuf[:, :, :S], ks_buf[:, :, :S], vs_buf[:, :, :S]
-    q = torch.randn(B, nkv * group, 1, hd, generator=g).to(dtype)
+    q = torch.randint(-127, 128, (B, nkv * group, 1, hd), generator=g) / 64  # x 1/sqrt(64): still on the grid
+    q[..., 0] = 127 / 64  # each head's largest magnitude: its int8 scale is exact
     masked = torch.rand(B, 1, 1, S, generator=g) < 0.4
     masked[..., -1] = False
     bias = torch.zeros(B, 1, 1, S).masked_fill(masked, float("-inf")).to(dtype)
+    kf, vf = dequantize_int8(k, ks, torch.float32), dequantize_int8(v, vs, torch.float32)
+
+    def sdpa(q):
+        return F.scaled_dot_product_attention(q.float().reshape(B, nkv, group, hd), kf, vf,
+                                              attn_mask=bias.float()).reshape(B, -1, 1, hd)
+
+    q = q.to(dtype)
     assert fast.decode_attention_fits(q, k, v)
     got = fast.decode_attention(q, k, v, bias, ks, vs)
-    kf, vf = dequantize_int8(k, ks, torch.float32), dequantize_int8(v, vs, torch.float32)
-    want = F.scaled_dot_product_attention(q.float().reshape(B, nkv, group, hd), kf, vf,
-                                          attn_mask=bias.float()).reshape(B, -1, 1, hd)
+    want = sdpa(q)
     assert got.shape == q.shape and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else ULP[dtype]
     assert torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max())
+    q_any = torch.randn(q.shape, generator=g).to(dtype)  # off the grid: rounded to int8 inside
+    err = (fast.decode_attention(q_any, k, v, bias, ks, vs).float() - sdpa(q_any)).abs().max() / sdpa(q_any).abs().max()
+    assert err < 0.02
     with pytest.raises(RuntimeError, match="k_scale and v_scale go with int8"):
         fast.decode_attention(q, k, v, bias)
     with pytest.raises(RuntimeError, match="float32 \\(B, Hkv, S\\)"):

@@ -225,6 +225,59 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(too_small, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
 }
 
+// The lane sums of N vectors into out[0..N), four at a time.
+template <int N>
+inline void sum8_all(const __m256* v, float* out) {
+  int i = 0;
+  for (; i + 4 <= N; i += 4) _mm_storeu_ps(out + i, sum8x4(v[i], v[i + 1], v[i + 2], v[i + 3]));
+  if (i < N) {
+    const __m256 z = _mm256_setzero_ps();
+    float rest[4];
+    _mm_storeu_ps(rest, sum8x4(v[i], i + 1 < N ? v[i + 1] : z, i + 2 < N ? v[i + 2] : z, z));
+    for (int j = 0; i + j < N; ++j) out[i + j] = rest[j];
+  }
+}
+
+// Stores the G x KS dot products `dots` (query-major) as scores, dot * mul + add, raising each
+// query's running maximum.
+template <int G, int KS>
+inline void store_scores(const float* dots, const float* mul, const float* add, int64_t s, int64_t S, float* scores, float* mx) {
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < KS; ++j) mx[g] = std::max(mx[g], scores[g * S + s + j] = dots[g * KS + j] * mul[g * KS + j] + add[j]);
+}
+
+// Scores of KS keys of an int8 cache for G queries quantized to int8 (`q8`, scales `qs`): integer
+// dot products, 32 elements a step (|k| times q with k's sign, pairs summed to 16 bits: at most
+// 2 x 128 x 127, no saturation; then to 32 bits), scaled by the query's and the key's scales.
+template <typename Q, int G, int KS>
+inline void score_keys_int8(const int8_t* q8, const float* qs, const int8_t* k, int64_t ldk, int64_t s, int64_t S,
+                            int64_t D, const Q* bias, int64_t bias_step, const float* kscale, float* scores, float* mx) {
+  __m256i acc[G][KS];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < KS; ++j) acc[g][j] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t d = 0; d < D; d += 32) {
+    for (int j = 0; j < KS; ++j) {
+      const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + (s + j) * ldk + d));
+      const __m256i ak = _mm256_abs_epi8(kv);
+      for (int g = 0; g < G; ++g) {
+        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + g * D + d));
+        const __m256i p16 = _mm256_maddubs_epi16(ak, _mm256_sign_epi8(qv, kv));
+        acc[g][j] = _mm256_add_epi32(acc[g][j], _mm256_madd_epi16(p16, ones));
+      }
+    }
+  }
+  __m256 f[G * KS];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < KS; ++j) f[g * KS + j] = _mm256_cvtepi32_ps(acc[g][j]);
+  float dots[G * KS], mul[G * KS], add[KS];
+  sum8_all<G * KS>(f, dots);
+  for (int j = 0; j < KS; ++j) add[j] = static_cast<float>(bias[(s + j) * bias_step]);
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < KS; ++j) mul[g * KS + j] = qs[g] * kscale[s + j];
+  store_scores<G, KS>(dots, mul, add, s, S, scores, mx);
+}
+
 // Scores of KS keys from `s` on for the G queries: q.k * kscale + bias, stored in `scores` (G x S),
 // each query's running maximum raised to them. The G x KS dot products accumulate side by side in
 // registers (independent chains keep both FMA units busy) and are summed across lanes together.
@@ -274,6 +327,22 @@ void attend(const float* q, const T* k, const T* v, int64_t ldk, int64_t ldv, in
   float mx[G];
   for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
   int64_t s = 0;
+  if constexpr (std::is_same_v<T, int8_t>) {
+    if (D % 32 == 0) {  // integer dot products with the query rounded to int8 too (per query head)
+      int8_t q8[G * 256];
+      float qs[G];
+      for (int g = 0; g < G; ++g) {
+        float amax = 0.0f;
+        for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(q[g * D + d]));
+        qs[g] = amax / 127.0f;
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int64_t d = 0; d < D; ++d) q8[g * D + d] = static_cast<int8_t>(std::nearbyint(q[g * D + d] * inv));
+      }
+      constexpr int KI = G <= 2 ? 4 : G <= 4 ? 2 : 1;
+      for (; s + KI <= S; s += KI) score_keys_int8<Q, G, KI>(q8, qs, k, ldk, s, S, D, bias, bias_step, kscale, scores, mx);
+      for (; s < S; ++s) score_keys_int8<Q, G, 1>(q8, qs, k, ldk, s, S, D, bias, bias_step, kscale, scores, mx);
+    }
+  }
   for (; s + KS <= S; s += KS) score_keys<T, Q, G, KS>(q, k, ldk, s, S, D, bias, bias_step, kscale, scores, mx);
   for (; s < S; ++s) score_keys<T, Q, G, 1>(q, k, ldk, s, S, D, bias, bias_step, kscale, scores, mx);
   float total[G];
