@@ -486,6 +486,25 @@ def test_bench_small_linear_runs(tmp_path):
 
 
 @needs_kernels
+def test_bench_decode_attention_runs(tmp_path):
+    """The attention benchmark's plumbing (every cache kind, speeds relative to the model dtype's,
+    JSON) on the tiny preset."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode_attention.py"
+    out = tmp_path / "att.json"
+    run = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--keys", "40", "--rounds", "1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["query"], r["cache"]) for r in rows] == [("fp32", "fp32"), ("fp32", "int8"), ("bf16", "bf16"), ("bf16", "int8")]
+    assert all(r["ms"] > 0 for r in rows) and [r["speed"] for r in rows][::2] == [1.0, 1.0]
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [1, 3, 8])
 def test_decode_attention_reads_an_int8_cache(dtype, group):
