@@ -328,7 +328,7 @@ void attend(const float* q, const T* k, const T* v, int64_t ldk, int64_t ldv, in
   for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
   int64_t s = 0;
   if constexpr (std::is_same_v<T, int8_t>) {
-    if (D % 32 == 0) {  // integer dot products with the query rounded to int8 too (per query head)
+    if (D % 32 == 0 && D <= 256) {  // integer dot products, the query rounded to int8 too (per query head)
       int8_t q8[G * 256];
       float qs[G];
       for (int g = 0; g < G; ++g) {
@@ -476,17 +476,17 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   TORCH_CHECK(bias_in.scalar_type() == q_in.scalar_type(), "decode_attention: the bias must have q's dtype");
   const at::Tensor bias = bias_in.expand({B, 1, 1, S});  // a view: read in place, in its dtype
   at::Tensor out = at::empty({B, Hq, 1, D}, q.options());
+  const auto attend_as = [&](auto q_type) {  // q's element type; the cache's is q's or int8
+    using Q = decltype(q_type);
+    if (int8)
+      decode_attention_typed<int8_t, Q>(q, k, v, bias, ksp, vsp, ls0, ls1, out, G);
+    else
+      decode_attention_typed<Q, Q>(q, k, v, bias, nullptr, nullptr, 0, 0, out, G);
+  };
   switch (q.scalar_type()) {
-#define MT_ATTEND(Q)                                                                               \
-  if (int8)                                                                                        \
-    decode_attention_typed<int8_t, Q>(q, k, v, bias, ksp, vsp, ls0, ls1, out, G);                   \
-  else                                                                                             \
-    decode_attention_typed<Q, Q>(q, k, v, bias, nullptr, nullptr, 0, 0, out, G);                   \
-  break;
-    case at::kFloat: MT_ATTEND(float)
-    case at::kBFloat16: MT_ATTEND(at::BFloat16)
-    case at::kHalf: MT_ATTEND(at::Half)
-#undef MT_ATTEND
+    case at::kFloat: attend_as(float{}); break;
+    case at::kBFloat16: attend_as(at::BFloat16{}); break;
+    case at::kHalf: attend_as(at::Half{}); break;
     default: TORCH_CHECK(false, "decode_attention: dtype must be float32, bfloat16 or float16, got ", q.scalar_type());
   }
   return out;
