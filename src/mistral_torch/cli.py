@@ -55,6 +55,12 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
                         "the first time (~5 s later, from inductor's on-disk cache) "
                         "(pays for long outputs; on x86 AVX2 CPUs it also builds two C++ kernels once, ~15 s; "
                         "elsewhere fp32 weights are packed for oneDNN: 2x their memory)")
+    add_kv_cache_flag(p)
+
+
+def add_kv_cache_flag(p: argparse.ArgumentParser) -> None:
+    """`--kv-cache` (generate, chat, serve); `cache_dtype` turns it into `Transformer.kv_cache_dtype`.
+    The names are `cache.KV_DTYPES`' keys, repeated so that parsing needs no torch import."""
     p.add_argument("--kv-cache", default="auto", choices=["auto", "int8"],
                    help="what the key/value cache holds: the weights' dtype (auto), or int8 with one scale per "
                         "token and head: a quarter of fp32's memory (half of bf16's), logits within ~1e-2")
@@ -270,9 +276,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the decode step, compiled before serving (30-60 s on a CPU; faster "
                         "decoding of the running batch; on x86 AVX2 CPUs with two C++ kernels built once, "
                         "elsewhere fp32 weights packed for oneDNN: 2x memory)")
-    p.add_argument("--kv-cache", default="auto", choices=["auto", "int8"],
-                   help="what the key/value cache holds: the weights' dtype (auto), or int8 with one scale per "
-                        "token and head: a quarter of fp32's memory (half of bf16's), logits within ~1e-2")
+    add_kv_cache_flag(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight may take to finish after SIGTERM (default: 30)")
     p.add_argument("--access-log", action="store_true", help="log every request")

@@ -238,12 +238,19 @@ inline void sum8_all(const __m256* v, float* out) {
   }
 }
 
-// Stores the G x KS dot products `dots` (query-major) as scores, dot * mul + add, raising each
-// query's running maximum.
-template <int G, int KS>
-inline void store_scores(const float* dots, const float* mul, const float* add, int64_t s, int64_t S, float* scores, float* mx) {
-  for (int g = 0; g < G; ++g)
-    for (int j = 0; j < KS; ++j) mx[g] = std::max(mx[g], scores[g * S + s + j] = dots[g * KS + j] * mul[g * KS + j] + add[j]);
+// The G x KS dot products of G queries with KS keys from `s` on, as vectors to be summed across
+// lanes (query-major), stored as scores: dot * qscale[g] * kscale[s + j] + bias (a null scale is 1),
+// each query's running maximum raised to them.
+template <typename Q, int G, int KS>
+inline void store_scores(const __m256* dots, const float* qscale, const float* kscale, int64_t s, int64_t S,
+                         const Q* bias, int64_t bias_step, float* scores, float* mx) {
+  float sums[G * KS];
+  sum8_all<G * KS>(dots, sums);
+  for (int j = 0; j < KS; ++j) {
+    const float add = static_cast<float>(bias[(s + j) * bias_step]), key = kscale ? kscale[s + j] : 1.0f;
+    for (int g = 0; g < G; ++g)
+      mx[g] = std::max(mx[g], scores[g * S + s + j] = sums[g * KS + j] * (qscale ? qscale[g] * key : key) + add);
+  }
 }
 
 // Scores of KS keys of an int8 cache for G queries quantized to int8 (`q8`, scales `qs`): integer
@@ -252,9 +259,8 @@ inline void store_scores(const float* dots, const float* mul, const float* add, 
 template <typename Q, int G, int KS>
 inline void score_keys_int8(const int8_t* q8, const float* qs, const int8_t* k, int64_t ldk, int64_t s, int64_t S,
                             int64_t D, const Q* bias, int64_t bias_step, const float* kscale, float* scores, float* mx) {
-  __m256i acc[G][KS];
-  for (int g = 0; g < G; ++g)
-    for (int j = 0; j < KS; ++j) acc[g][j] = _mm256_setzero_si256();
+  __m256i acc[G * KS];  // query-major
+  for (int i = 0; i < G * KS; ++i) acc[i] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t d = 0; d < D; d += 32) {
     for (int j = 0; j < KS; ++j) {
@@ -263,56 +269,34 @@ inline void score_keys_int8(const int8_t* q8, const float* qs, const int8_t* k, 
       for (int g = 0; g < G; ++g) {
         const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + g * D + d));
         const __m256i p16 = _mm256_maddubs_epi16(ak, _mm256_sign_epi8(qv, kv));
-        acc[g][j] = _mm256_add_epi32(acc[g][j], _mm256_madd_epi16(p16, ones));
+        acc[g * KS + j] = _mm256_add_epi32(acc[g * KS + j], _mm256_madd_epi16(p16, ones));
       }
     }
   }
-  __m256 f[G * KS];
-  for (int g = 0; g < G; ++g)
-    for (int j = 0; j < KS; ++j) f[g * KS + j] = _mm256_cvtepi32_ps(acc[g][j]);
-  float dots[G * KS], mul[G * KS], add[KS];
-  sum8_all<G * KS>(f, dots);
-  for (int j = 0; j < KS; ++j) add[j] = static_cast<float>(bias[(s + j) * bias_step]);
-  for (int g = 0; g < G; ++g)
-    for (int j = 0; j < KS; ++j) mul[g * KS + j] = qs[g] * kscale[s + j];
-  store_scores<G, KS>(dots, mul, add, s, S, scores, mx);
+  __m256 dots[G * KS];
+  for (int i = 0; i < G * KS; ++i) dots[i] = _mm256_cvtepi32_ps(acc[i]);
+  store_scores<Q, G, KS>(dots, qs, kscale, s, S, bias, bias_step, scores, mx);
 }
 
-// Scores of KS keys from `s` on for the G queries: q.k * kscale + bias, stored in `scores` (G x S),
-// each query's running maximum raised to them. The G x KS dot products accumulate side by side in
-// registers (independent chains keep both FMA units busy) and are summed across lanes together.
+// Scores of KS keys from `s` on for the G queries (see `store_scores`). The G x KS dot products
+// accumulate side by side in registers (independent chains keep both FMA units busy) and are
+// summed across lanes together.
 template <typename T, typename Q, int G, int KS>
 inline void score_keys(const float* q, const T* k, int64_t ldk, int64_t s, int64_t S, int64_t D, const Q* bias,
                        int64_t bias_step, const float* kscale, float* scores, float* mx) {
-  __m256 acc[G][KS];
-  for (int g = 0; g < G; ++g)
-    for (int j = 0; j < KS; ++j) acc[g][j] = _mm256_setzero_ps();
+  __m256 acc[G * KS];  // query-major
+  for (int i = 0; i < G * KS; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += kChunk) {
     for (int j = 0; j < KS; ++j) {
       __m256 a, b;
       Widen<T>::load(k + (s + j) * ldk + d, a, b);
       for (int g = 0; g < G; ++g) {
-        acc[g][j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(q + g * D + d), acc[g][j]);
-        acc[g][j] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q + g * D + d + 8), acc[g][j]);
+        acc[g * KS + j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(q + g * D + d), acc[g * KS + j]);
+        acc[g * KS + j] = _mm256_fmadd_ps(b, _mm256_loadu_ps(q + g * D + d + 8), acc[g * KS + j]);
       }
     }
   }
-  float add[KS], mul[KS];
-  for (int j = 0; j < KS; ++j) {
-    add[j] = static_cast<float>(bias[(s + j) * bias_step]);
-    mul[j] = kscale ? kscale[s + j] : 1.0f;
-  }
-  for (int g = 0; g < G; ++g) {
-    float* row = scores + g * S + s;
-    if constexpr (KS == 4) {
-      const __m128 v = _mm_fmadd_ps(sum8x4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), _mm_loadu_ps(mul), _mm_loadu_ps(add));
-      _mm_storeu_ps(row, v);
-      const __m128 m = _mm_max_ps(v, _mm_movehl_ps(v, v));
-      mx[g] = std::max(mx[g], _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))));
-    } else {
-      for (int j = 0; j < KS; ++j) mx[g] = std::max(mx[g], row[j] = sum8(acc[g][j]) * mul[j] + add[j]);
-    }
-  }
+  store_scores<Q, G, KS>(acc, nullptr, kscale, s, S, bias, bias_step, scores, mx);
 }
 
 // One kv head of one row: the G query heads that share it (q: G x D, arranged like x above and
