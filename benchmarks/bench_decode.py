@@ -110,11 +110,12 @@ def build(args: argparse.Namespace, dtype: str) -> Transformer:
 
 
 def compile_step(model: Transformer, args: argparse.Namespace, prompt: torch.Tensor,
-                 kernels: bool | None = None) -> tuple[Callable, float]:
+                 kernels: bool | None = None, aot: bool = False) -> tuple[Callable, float]:
     """The compiled decode step and its warm-up time (a first short generation, which compiles);
-    `kernels=False`: without the C++ kernels (inductor's fused reductions and SDPA instead)."""
+    `kernels=False`: without the C++ kernels (inductor's fused reductions and SDPA instead);
+    `aot=True`: batch-1 steps compiled ahead of time by AOTInductor (`compile_decode(aot=True)`)."""
     mode = "reduce-overhead" if args.device.startswith("cuda") else None
-    model.compile_decode(mode=mode, kernels=kernels)
+    model.compile_decode(mode=mode, kernels=kernels, aot=aot)
     fn = model._decode_step
     t0 = time.perf_counter()
     ours(model, prompt, 4, fn)
@@ -144,6 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         meta: dict[str, dict[str, Any]] = {}
         fast = None if args.no_compile else common.twin(model)
         inductor = common.twin(model) if args.inductor_only and not args.no_compile else None
+        aot = common.twin(model) if dev == "cpu" and 1 in prompts and not (args.no_compile or args.no_aot) else None
         for b, prompt in prompts.items():
             contenders[f"mistral-torch eager b{b}"] = lambda p=prompt: ours(model, p, args.new, None)
             meta[f"mistral-torch eager b{b}"] = dict(impl="mistral-torch", mode="eager", batch=b)
@@ -153,6 +155,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 meta[f"mistral-torch compiled b{b}"] = dict(impl="mistral-torch", mode="compiled", batch=b,
                                                             compile_warmup_s=warm)
                 print(f"  {dtype} b{b} compile warm-up {warm:.1f} s", file=sys.stderr, flush=True)
+            if aot is not None and b == 1:
+                name = "mistral-torch compiled AOT b1"
+                fn, warm = compile_step(aot, args, prompt, aot=True)
+                contenders[name] = lambda p=prompt, fn=fn: ours(aot, p, args.new, fn)
+                meta[name] = dict(impl="mistral-torch", mode="compiled AOT", batch=1, compile_warmup_s=warm)
+                print(f"  {dtype} b1 AOT compile warm-up {warm:.1f} s", file=sys.stderr, flush=True)
             if inductor is not None:
                 name = f"mistral-torch compiled, no C++ kernels b{b}"
                 fn, warm = compile_step(inductor, args, prompt, kernels=False)
@@ -238,7 +246,7 @@ def child(args: argparse.Namespace) -> None:
     """One contender alone in this process: build, warm up, generate; print peak RSS."""
     name, model, prompt = child_setup(args)
     if name.startswith("mistral-torch"):
-        fn = compile_step(model, args, prompt)[0] if "compiled" in name else None
+        fn = compile_step(model, args, prompt, aot="AOT" in name)[0] if "compiled" in name else None
         ours(model, prompt, args.new, fn)
     elif name.startswith("transformers"):
         hf = common.hf_model(model)
@@ -299,6 +307,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
     p.add_argument("--inductor-only", action="store_true",
                    help="also the compiled step without the C++ kernels (compile_decode(kernels=False))")
+    p.add_argument("--no-aot", action="store_true",
+                   help="skip the batch-1 step compiled ahead of time (compile_decode(aot=True); CPU)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     p.add_argument("--memory", action="store_true", help="also peak RSS per contender (fresh processes)")

@@ -106,6 +106,18 @@ class RollingKVCache:
         self.window = window
         self.length = 0  # max over rows of positions seen so far (host-side, for slicing)
 
+    @classmethod
+    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor], k_scale: list[torch.Tensor],
+             v_scale: list[torch.Tensor], window: int | None, dtype: torch.dtype) -> "RollingKVCache":
+        """A cache object over existing buffers, for `CacheStep`'s reads and writes only (no slot
+        positions): how the ahead-of-time compiled step (`aot.py`), which takes the buffers as
+        plain tensors, sees them."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.k_scale, cache.v_scale = list(k), list(v), list(k_scale), list(v_scale)
+        cache.window, cache.dtype = window, dtype
+        cache.kv_dtype = torch.int8 if k_scale else dtype
+        return cache
+
     @property
     def batch_size(self) -> int:
         return self.slot_pos.shape[0]

@@ -55,6 +55,10 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
                         "the first time (~5 s later, from inductor's on-disk cache) "
                         "(pays for long outputs; on x86 AVX2 CPUs it also builds two C++ kernels once, ~15 s; "
                         "elsewhere fp32 weights are packed for oneDNN: 2x their memory)")
+    p.add_argument("--aot", action="store_true",
+                   help="--compile, with the one-prompt step compiled ahead of time by AOTInductor: one C++ call "
+                        "per token, 7-13 %% faster on a CPU; ~30 s to build once, then loaded from inductor's "
+                        "on-disk cache in about a second")
     add_kv_cache_flag(p)
 
 
@@ -106,8 +110,8 @@ def _load_for_generation(args: argparse.Namespace):
 
         model = quantize_model(model, args.quantize) or model
     model.kv_cache_dtype = cache_dtype(args.kv_cache)
-    if args.compile:
-        model.compile_decode()
+    if args.compile or args.aot:
+        model.compile_decode(aot=args.aot)
         if not args.quiet:
             print("[compiling the decode step: the first tokens wait for it]", file=sys.stderr, flush=True)
     if tokenizer.vocab_size > model.args.vocab_size:

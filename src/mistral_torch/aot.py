@@ -1,0 +1,148 @@
+"""The batch-1 decode step compiled ahead of time (AOTInductor): one C++ call per token.
+
+`Transformer.compile_decode(aot=True)`, CLI `--compile aot`. torch.compile's CPU step runs
+inductor's kernels from a generated Python wrapper, entered through dynamo's frame hook: at
+bench-125m about 1 ms of Python per token, a tenth of a bf16 step. AOTInductor compiles the same
+graph (the same fused kernels and C++ ops) into a shared library whose C++ wrapper calls them, so
+that a step is one call from Python. The library reads the model's own parameters in place
+("user-managed constants": no copy of the weights; huge pages kept) and, like the torch.compile
+step, writes the new token's keys and values into the cache buffers it is given.
+
+Batch 1 on CPU only: batched steps measured slower this way and keep the torch.compile step, as
+do the first step of an empty cache and a step after an exporting or compiling failure (warned
+once). Exporting and compiling take ~30 s; the package (no weights in it) is stored in inductor's
+cache directory under a hash of everything the graph depends on (this package's code, torch's
+version, the modules with their settings and their parameters' shapes, the cache kind), so a
+later process loads it in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from . import fast
+from .cache import CacheStep, RollingKVCache
+
+if TYPE_CHECKING:
+    from .model import Transformer
+
+
+class DecodeStep(nn.Module):
+    """`Transformer._run` for one new token per row over cache buffers given as tensors (what
+    torch.export traces): the write-first step `RollingKVCache.plan` makes for a decode step."""
+
+    def __init__(self, model: "Transformer") -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, k_pos: torch.Tensor, rows: torch.Tensor,
+                cols: torch.Tensor, slots: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
+                k_scale: list[torch.Tensor], v_scale: list[torch.Tensor]) -> torch.Tensor:
+        m = self.model
+        cache = RollingKVCache.over(k, v, k_scale, v_scale, m.args.sliding_window, m.dtype)
+        step = CacheStep(cache, positions, k_pos, (rows, cols, slots), write_first=True, used=k_pos.shape[-1])
+        return m._run(tokens, positions, step, False)
+
+
+def step_inputs(tokens: torch.Tensor, step: CacheStep) -> tuple[Any, ...]:
+    """`DecodeStep`'s arguments for a planned decode step."""
+    c = step.cache
+    return (tokens, step.q_pos, step.k_pos, *step.index, c.k, c.v, c.k_scale, c.v_scale)
+
+
+# Module attributes that are ids within one process (`PackedLinear.handle`: the oneDNN-packed
+# weight's registry key), in no graph this step compiles: oneDNN-packed models do not take it.
+_PROCESS_LOCAL = {"handle"}
+
+
+def package_path(model: "Transformer", kv_dtype: torch.dtype) -> Path:
+    """Where the compiled step of this model and cache kind is kept (inductor's cache directory)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for f in sorted([*here.glob("*.py"), *here.glob("csrc/*.cpp")]):
+        h.update(f.read_bytes())
+    settings = [(name, type(m).__name__, sorted((k, v) for k, v in vars(m).items() if not k.startswith("_")
+                                                and k not in _PROCESS_LOCAL and isinstance(v, (bool, int, float, str, type(None)))))
+                for name, m in model.named_modules()]
+    tensors = [(name, tuple(t.shape), t.stride(), str(t.dtype))
+               for name, t in itertools.chain(model.named_parameters(), model.named_buffers())]
+    h.update(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(), model.args, str(kv_dtype),
+                   sorted(fast.INDUCTOR_OPTIONS.items()), settings, tensors)).encode())
+    return Path(cache_dir()) / "mistral_torch_aot" / f"decode_{h.hexdigest()[:32]}.pt2"
+
+
+class AotDecoder:
+    """The ahead-of-time compiled batch-1 step of one model, built or loaded on first use."""
+
+    def __init__(self, model: "Transformer") -> None:
+        self.step = DecodeStep(model)
+        self.runner = None
+        self.kv_dtype: torch.dtype | None = None
+        self.failed = False
+        self.constants: list[torch.Tensor] = []
+        self.pointers: list[int] = []
+
+    def __call__(self, tokens: torch.Tensor, step: CacheStep) -> torch.Tensor | None:
+        """The step's logits, or None where this step is not for it (the caller runs its own)."""
+        if self.failed or tokens.shape[0] != 1 or step.k_pos.shape[-1] < 2 or not step.write_first:
+            return None
+        inputs = step_inputs(tokens, step)
+        if self.runner is None or self.kv_dtype != step.cache.kv_dtype:
+            try:
+                self._load(inputs, step.cache.kv_dtype)
+            except Exception as e:  # torch.export or AOTInductor could not take this model
+                self.failed = True
+                warnings.warn(f"mistral-torch: ahead-of-time decode step unavailable ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); using torch.compile's")
+                return None
+        if [t.data_ptr() for t in self.constants] != self.pointers:  # parameters re-pointed (p.data = ...)
+            self._bind_constants()
+        return self.runner(*inputs)
+
+    def _load(self, inputs: tuple[Any, ...], kv_dtype: torch.dtype) -> None:
+        path = package_path(self.step.model, kv_dtype)
+        if not path.exists():
+            self._compile(inputs, path)
+        self.runner = torch._inductor.aoti_load_package(str(path))
+        self.kv_dtype = kv_dtype
+        self._bind_constants()
+
+    def _compile(self, inputs: tuple[Any, ...], path: Path) -> None:
+        n = len(inputs[6])
+        keys = torch.export.Dim("keys", min=2)
+        per_layer = [{2: keys}] * n
+        scales = per_layer if inputs[8] else []
+        dynamic = (None, None, {1: keys}, None, None, None, per_layer, per_layer, scales, scales)
+        with torch.inference_mode(False), torch.no_grad():  # export writes into copies of the buffers
+            example = tuple([t.clone() for t in x] if isinstance(x, list) else x.clone() for x in inputs)
+            exported = torch.export.export(self.step, example, dynamic_shapes=dynamic, strict=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
+        try:
+            torch._inductor.aoti_compile_and_package(
+                exported, package_path=str(tmp),
+                inductor_configs={**fast.INDUCTOR_OPTIONS, "aot_inductor.package_constants_in_so": False})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _bind_constants(self) -> None:
+        """Point the library at the model's parameters and buffers (in place, not copied)."""
+        named = dict(itertools.chain(self.step.named_parameters(), self.step.named_buffers()))
+        names = self.runner.get_constant_fqns()
+        missing = [name for name in names if name not in named]
+        if missing:
+            raise RuntimeError(f"the compiled step needs tensors the model does not have: {missing[:3]}")
+        self.constants = [named[name] for name in names]
+        self.runner.load_constants(dict(zip(names, self.constants)), check_full_update=True, user_managed=True)
+        self.pointers = [t.data_ptr() for t in self.constants]
