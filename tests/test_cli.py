@@ -122,6 +122,17 @@ def test_generate_with_an_int8_kv_cache(saved, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+@pytest.mark.slow
+def test_generate_aot(saved, capsys):
+    """--aot: the one-prompt step compiled ahead of time gives the library's greedy output."""
+    folder, model, tok = saved
+    expected = generate(model, tok, "Le chat", max_new_tokens=12)[0]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folder), "Le chat", "--max-new-tokens", "12", "--no-stream",
+                 "--quiet", "--aot", "--threads", "1"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_chat_scripted_multi_turn(saved):
     folder, model, tok = saved
     system = {"role": "system", "content": "Translate to French."}
