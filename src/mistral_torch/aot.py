@@ -1,6 +1,6 @@
 """The batch-1 decode step compiled ahead of time (AOTInductor): one C++ call per token.
 
-`Transformer.compile_decode(aot=True)`, CLI `--compile aot`. torch.compile's CPU step runs
+`Transformer.compile_decode(aot=True)`, CLI `--aot`. torch.compile's CPU step runs
 inductor's kernels from a generated Python wrapper, entered through dynamo's frame hook: at
 bench-125m about 1 ms of Python per token, a tenth of a bf16 step. AOTInductor compiles the same
 graph (the same fused kernels and C++ ops) into a shared library whose C++ wrapper calls them, so
@@ -112,16 +112,15 @@ class AotDecoder:
     def _load(self, inputs: tuple[Any, ...], kv_dtype: torch.dtype) -> None:
         path = package_path(self.step.model, kv_dtype)
         if not path.exists():
-            self._compile(inputs, path)
+            self._compile(inputs, path, quantized=kv_dtype == torch.int8)
         self.runner = torch._inductor.aoti_load_package(str(path))
         self.kv_dtype = kv_dtype
         self._bind_constants()
 
-    def _compile(self, inputs: tuple[Any, ...], path: Path) -> None:
-        n = len(inputs[6])
+    def _compile(self, inputs: tuple[Any, ...], path: Path, quantized: bool) -> None:
         keys = torch.export.Dim("keys", min=2)
-        per_layer = [{2: keys}] * n
-        scales = per_layer if inputs[8] else []
+        per_layer = [{2: keys}] * self.step.model.args.n_layers  # every layer's buffers: slots along dim 2
+        scales = per_layer if quantized else []
         dynamic = (None, None, {1: keys}, None, None, None, per_layer, per_layer, scales, scales)
         with torch.inference_mode(False), torch.no_grad():  # export writes into copies of the buffers
             example = tuple([t.clone() for t in x] if isinstance(x, list) else x.clone() for x in inputs)

@@ -374,14 +374,14 @@ class Transformer(nn.Module):
         static = self._compile_args[0] == "reduce-overhead"
         cache.reserve(cache.capacity if static else new_length)
         step = cache.plan(positions, max(new_length, cache.allocated))
-        if not static and cache.allocated > 1:
-            torch._dynamo.mark_dynamic(step.k_pos, 1)
-            if id(cache.k[0]) != self._dynamic_buffers:  # a new cache, or grown buffers
-                for t in cache.buffers():
-                    torch._dynamo.mark_dynamic(t, 2)
-                self._dynamic_buffers = id(cache.k[0])
-        logits = self._aot_step(tokens, step) if self._aot_step is not None else None
+        logits = self._aot_step(tokens, step) if self._aot_step is not None else None  # None: not its step
         if logits is None:
+            if not static and cache.allocated > 1:
+                torch._dynamo.mark_dynamic(step.k_pos, 1)
+                if id(cache.k[0]) != self._dynamic_buffers:  # a new cache, or grown buffers
+                    for t in cache.buffers():
+                        torch._dynamo.mark_dynamic(t, 2)
+                    self._dynamic_buffers = id(cache.k[0])
             logits = self._decode_step(tokens, positions, step, False)
         cache.commit(step, new_length)
         return logits
