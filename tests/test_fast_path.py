@@ -511,7 +511,8 @@ def test_decode_attention_reads_an_int8_cache(dtype, group):
     """The C++ decode attention over int8 keys and values with their scales equals SDPA (fp32) over
     the dequantized ones; scales read from a slice of longer buffers, masked keys; bad scales refused.
     With head_dim 64 the kernel also rounds the query to int8 (integer dot products): exact here for
-    queries on an int8 grid, within the rounding for any other."""
+    queries on an int8 grid, within the rounding for any other. The softmax weights (times the value
+    scales) are rounded to int16 for the weighted sum: at most half a unit (the largest / 32767) each."""
     import torch.nn.functional as F
 
     from mistral_torch.cache import dequantize_int8, quantize_int8
@@ -537,7 +538,10 @@ def test_decode_attention_reads_an_int8_cache(dtype, group):
     want = sdpa(q)
     assert got.shape == q.shape and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else ULP[dtype]
-    assert torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max())
+    p = torch.softmax(q.double().reshape(B, nkv, group, hd) @ kf.double().transpose(-1, -2) / hd**0.5
+                      + bias.double(), -1) * vs.double()[:, :, None, :]  # what each int8 value is weighted by
+    weight_rounding = 0.5 * p.amax(-1, keepdim=True) / 32767 * (p > 0).double() @ v.double().abs()
+    assert ((got.double() - want.double()).abs() <= tol * want.abs().max() + weight_rounding.reshape(got.shape)).all()
     q_any = torch.randn(q.shape, generator=g).to(dtype)  # off the grid: rounded to int8 inside
     err = (fast.decode_attention(q_any, k, v, bias, ks, vs).float() - sdpa(q_any)).abs().max() / sdpa(q_any).abs().max()
     assert err < 0.02
@@ -551,14 +555,17 @@ def test_decode_attention_reads_an_int8_cache(dtype, group):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inductor_compiled_decode_reads_an_int8_cache(dtype):
     """The compiled step over an int8 cache: the C++ attention reads int8 in every layer, one graph
-    for every position far past the window, the eager int8 path's logits (fp32: within 1e-5)."""
+    for every position far past the window, the eager int8 path's logits. fp32: the kernel's own
+    rounding (softmax weights to int16) adds at most a tenth of what the int8 cache itself
+    changes against an fp32 cache."""
     from torch._dynamo.utils import counters
     from torch.profiler import profile
 
     torch._dynamo.reset()
     model = tiny_model(seed=41, sliding_window=8).to(dtype)
-    model.kv_cache_dtype = torch.int8
     tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(42))
+    exact, _ = decode(model, tokens, 4)  # an fp32 cache
+    model.kv_cache_dtype = torch.int8
     want, _ = decode(model, tokens, 4)
     model.compile_decode()
     decode(model, tokens[:, :8], 4)  # compile
@@ -570,6 +577,6 @@ def test_inductor_compiled_decode_reads_an_int8_cache(dtype):
     assert calls.get("mistral_torch_cpu::decode_attention", 0) == 36 * model.args.n_layers
     assert counters["stats"]["unique_graphs"] == 0  # no recompilation at any length
     if dtype == torch.float32:
-        assert (got - want).abs().max() <= TOL
+        assert (got - want).abs().max() <= 0.1 * (want - exact).abs().max()
     else:
         assert (got.float() - want.float()).abs().max() < 0.05
