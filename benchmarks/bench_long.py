@@ -4,6 +4,7 @@ memory along the way (flat once the window is full).
     python benchmarks/bench_long.py                      # bench-125m, fp32, positions 100 and 16384
     python benchmarks/bench_long.py --dtype bf16 --compile
     python benchmarks/bench_long.py --compile --kv-cache int8   # int8 keys/values (a quarter of fp32's bytes)
+    python benchmarks/bench_long.py --aot --kv-cache int8       # the batch-1 step compiled ahead of time
     python benchmarks/bench_long.py --decode-all         # really decode every token up to 16k (slow)
 
 By default the sequence reaches 16k through chunked prefill (O(n·W), the window's chunks) and
@@ -52,8 +53,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     a.sliding_window = args.window
     model = common.make_model(a, common.DTYPES[args.dtype])
     model.kv_cache_dtype = KV_DTYPES[args.kv_cache]
-    if args.compile:
-        model.compile_decode()
+    if args.compile or args.aot:
+        model.compile_decode(aot=args.aot)
     g = torch.Generator().manual_seed(0)
     memory: list[dict[str, Any]] = []
     rates: list[dict[str, Any]] = []
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             far.append(r)
     result = {
         "machine": common.machine(), "config": vars(args).copy(), "threads": threads,
-        "compile_warmup_s": warmup if args.compile else None,
+        "compile_warmup_s": warmup if args.compile or args.aot else None,
+        "aot_step_used": bool(getattr(model._aot_step, "runner", None)) if args.aot else None,
         "tok_s_near": statistics.median(near), "tok_s_far": statistics.median(far),
         "position_near": int(short.next_pos[0]), "position_far": int(long.next_pos[0]),
         "memory": memory, "rates": rates, "peak_rss_MB": common.peak_rss() / 2**20,
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="compile the decode step")
+    p.add_argument("--aot", action="store_true", help="compile the batch-1 step ahead of time (implies --compile)")
     p.add_argument("--kv-cache", default="auto", choices=sorted(KV_DTYPES),
                    help="what the cache holds: the model's dtype (auto) or int8 with per-vector scales")
     p.add_argument("--decode-all", action="store_true", help="decode every position (slow) instead of prefilling")
