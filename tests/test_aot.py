@@ -36,6 +36,7 @@ def test_aot_step_equals_the_plain_path_and_its_package_is_reused():
     model.compile_decode(aot=True)
     fast = decode(model, tokens, 3)
     assert model._aot_step.runner is not None and not model._aot_step.failed
+    assert model._aot_step.steps == 37  # every decode step, past the window too
     assert (fast - plain).abs().max() <= TOL  # 37 steps, the window of 8 crossed four times over
     path = aot.package_path(model, torch.float32)
     assert path.exists()

@@ -91,6 +91,7 @@ class AotDecoder:
         self.failed = False
         self.constants: list[torch.Tensor] = []
         self.pointers: list[int] = []
+        self.steps = 0  # steps it has run (the others went to the caller's own step)
 
     def __call__(self, tokens: torch.Tensor, step: CacheStep) -> torch.Tensor | None:
         """The step's logits, or None where this step is not for it (the caller runs its own)."""
@@ -107,6 +108,7 @@ class AotDecoder:
                 return None
         if [t.data_ptr() for t in self.constants] != self.pointers:  # parameters re-pointed (p.data = ...)
             self._bind_constants()
+        self.steps += 1
         return self.runner(*inputs)
 
     def _load(self, inputs: tuple[Any, ...], kv_dtype: torch.dtype) -> None:
