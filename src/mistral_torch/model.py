@@ -338,11 +338,12 @@ class Transformer(nn.Module):
         run = Transformer._run
         own_run = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, run.__defaults__)
         self._decode_step = torch.compile(types.MethodType(own_run, self), backend=backend, **kwargs)
-        # Ahead of time: with the C++ kernels, not over oneDNN-packed weights (their graph op is Python).
+        # Ahead of time: CPU inductor steps whose weights are not oneDNN-packed (their graph op is
+        # Python); packing is the default only where the C++ kernels are off.
         self._aot_step = AotDecoder(self) if aot and cpu_inductor and not onednn else None
         if aot and self._aot_step is None:
-            warnings.warn("compile_decode(aot=True) applies to CPU inductor steps with the C++ kernels "
-                          "(x86 AVX2, no oneDNN packing): using torch.compile's step")
+            warnings.warn("compile_decode(aot=True) applies to CPU inductor steps without oneDNN-packed "
+                          "weights (the default with the C++ kernels, x86 AVX2): using torch.compile's step")
         self._compiled_for, self._checked_at, self._dynamic_buffers = self._structure(), None, None
         return self
 
