@@ -207,3 +207,23 @@ def test_int8_cache_rows_leave_and_join_exactly():
             out, a = model(tok, cache=a)
             for i, want in enumerate([ref[2], ref[0], ref[3]]):
                 assert (out[i, 0] - want[starts[i] + step]).abs().max() <= TOL
+
+
+def test_next_token_plan_equals_the_general_plan():
+    """`plan_next_token` (batch-1 decode, host arithmetic) plans what `plan` plans for the same
+    token, through growth and past the wrap, and its commit leaves the cache in the same state."""
+    fast = RollingKVCache(1, 1, 2, 4, capacity=300, window=300)
+    slow = RollingKVCache(1, 1, 2, 4, capacity=300, window=300)
+    for pos in range(700):  # grows at 256, wraps at 300
+        steps = []
+        for c, host in ((fast, True), (slow, False)):
+            c.reserve(pos + 1)
+            step = c.plan_next_token(int(c.next_pos.item())) if host else c.plan(c.next_pos[:, None], max(pos + 1, c.allocated))
+            steps.append(step)
+            c.commit(step, max(c.length, pos + 1))
+        a, b = steps
+        assert a.write_first and b.write_first and a.used == b.used
+        assert torch.equal(a.q_pos, b.q_pos) and torch.equal(a.k_pos, b.k_pos)
+        assert all(torch.equal(x, y) for x, y in zip(a.index, b.index))
+        assert torch.equal(fast.slot_pos, slow.slot_pos) and torch.equal(fast.next_pos, slow.next_pos)
+        assert fast.length == slow.length == pos + 1

@@ -2,6 +2,8 @@
 give the same logits as the plain path and as transformers (tiny configs, CPU)."""
 
 import os
+import platform
+import shutil
 
 import pytest
 import torch
@@ -339,6 +341,17 @@ def test_small_linear_refuses_what_it_cannot_multiply():
         fast.small_linear(torch.randn(1, 48), torch.randn(8, 48), torch.randn(8, 32))
     with pytest.raises(RuntimeError, match="weights of dtypes Float and BFloat16 cannot be stacked"):
         fast.small_linear(torch.randn(1, 48), torch.randn(8, 48), torch.randn(8, 48).bfloat16())
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
+                    or torch.backends.cpu.get_cpu_capability() != "AVX2"
+                    or shutil.which(os.environ.get("CXX", "c++")) is None
+                    or os.environ.get("MISTRAL_TORCH_CPP_KERNELS", "1") == "0",
+                    reason="the C++ kernels are for x86 AVX2 CPUs with a C++ compiler (and not switched off)")
+def test_cpp_kernels_build_where_they_should():
+    """Where the kernels are meant to run, they build: a compile error in `decode_kernels.cpp` must
+    fail here, not skip every test marked `needs_kernels`."""
+    assert fast.cpp_kernels(), "csrc/decode_kernels.cpp did not build (see the warning)"
 
 
 def test_kernel_build_failure_falls_back_with_a_warning(monkeypatch):

@@ -218,6 +218,21 @@ class RollingKVCache:
         k_pos = torch.cat([self.slot_pos, q_pos], dim=1)
         return CacheStep(self, q_pos, k_pos, index, write_first=False, used=self.capacity)
 
+    def plan_next_token(self, pos: int) -> "CacheStep":
+        """`plan` for one token at `pos`, the next position of a batch-1 cache whose buffers are
+        grown for it (`reserve`): the step every generated token takes, worked out in Python
+        integers, so that it costs a few small tensors instead of ~15 tensor ops (each 10-30 us
+        right after a decode step has streamed the weights through the CPU caches)."""
+        slot = pos % self.capacity
+        used = self.allocated
+        k_pos = self.slot_pos[:, :used].clone(memory_format=torch.contiguous_format)
+        k_pos[0, slot] = pos
+        device = self.slot_pos.device
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        index = (zero, zero, torch.tensor([slot], device=device))
+        return CacheStep(self, torch.tensor([[pos]], device=device), k_pos, index, write_first=True, used=used,
+                         host=(pos, slot))
+
     def _write_index(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, chunk index, slot) of each new token to store: valid and among its row's last `capacity`."""
         T = q_pos.shape[1]
@@ -249,6 +264,12 @@ class RollingKVCache:
 
     def commit(self, step: "CacheStep", new_length: int) -> None:
         """Record the chunk's positions once every layer has written it."""
+        if step.host is not None:  # `plan_next_token`'s step: one position, known here
+            pos, slot = step.host
+            self.slot_pos[0, slot] = pos
+            self.next_pos.fill_(pos + 1)
+            self.length = new_length
+            return
         rows, cols, slots = step.index
         self.slot_pos[rows, slots] = step.q_pos[rows, cols]
         self.next_pos = step.q_pos.max(dim=1).values.clamp(min=-1) + 1
@@ -260,9 +281,10 @@ class CacheStep:
 
     def __init__(self, cache: RollingKVCache, q_pos: torch.Tensor, k_pos: torch.Tensor,
                  index: tuple[torch.Tensor, torch.Tensor, torch.Tensor], write_first: bool,
-                 used: int) -> None:
+                 used: int, host: tuple[int, int] | None = None) -> None:
         self.cache, self.q_pos, self.k_pos, self.index = cache, q_pos, k_pos, index
         self.write_first, self.used = write_first, used
+        self.host = host  # (position, slot) of a batch-1 one-token step planned in Python integers
 
     def bias(self) -> torch.Tensor:
         """The additive attention bias (B, 1, T, S) of this chunk: built once per forward, inside

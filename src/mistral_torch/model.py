@@ -224,7 +224,7 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must have shape (batch, seq_len) with seq_len >= 1, got {tuple(tokens.shape)}")
-        lo, hi = (int(t) for t in torch.aminmax(tokens))
+        lo, hi = (int(t) for t in torch.aminmax(tokens)) if tokens.numel() > 1 else (int(tokens.item()),) * 2
         if lo < 0 or hi >= self.args.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size})")
@@ -256,12 +256,12 @@ class Transformer(nn.Module):
             cache = self.new_cache(B)
         elif cache.batch_size != B:
             raise ValueError(f"cache was made for batch size {cache.batch_size}, but tokens have batch size {B}")
-        if positions is None:
-            positions = cache.next_pos[:, None] + torch.arange(T, device=tokens.device)
-        elif positions.shape != tokens.shape:
+        if positions is not None and positions.shape != tokens.shape:
             raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens shape {tuple(tokens.shape)}")
         if T == 1 and self._decode_step is not None and not torch.is_grad_enabled():
             return self._decode(tokens, positions, cache), cache
+        if positions is None:
+            positions = cache.next_pos[:, None] + torch.arange(T, device=tokens.device)
         with fast.upcast_linears(self.dtype, self.device.type, B * T):  # bf16 on CPUs without bf16 GEMMs
             return self._prefill(tokens, positions, cache, last_logits_only), cache
 
@@ -361,20 +361,26 @@ class Transformer(nn.Module):
         """What the compiled step assumed about the model: its modules and their dtype."""
         return (self.dtype, self.device, *map(id, self.modules()))
 
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: RollingKVCache) -> torch.Tensor:
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: RollingKVCache) -> torch.Tensor:
+        """One token per row through the compiled step; `positions` None: each row's next."""
         seen = (_module_registrations, self.dtype, self.device)
         if seen != self._checked_at:  # something changed somewhere since the last step
             self._checked_at = seen
             if self._structure() != self._compiled_for:  # here: modules swapped or cast since compiling
                 self.compile_decode(*self._compile_args)
-        new_length = max(cache.length, int(positions.max()) + 1)
+        next_token = positions is None and cache.batch_size == 1  # the usual step: planned on the host
+        if positions is None and not next_token:
+            positions = cache.next_pos[:, None]
+        last = int(cache.next_pos.item()) if next_token else int(positions.max())
+        new_length = max(cache.length, last + 1)
         self._check_length(new_length)
         # The step attends to every allocated slot (empty ones are masked), so that the number of
         # keys is the buffer length: one dynamic size, one graph while the buffers grow. CUDA graphs
         # (reduce-overhead) need fixed shapes: there the buffers start at full capacity.
         static = self._compile_args[0] == "reduce-overhead"
         cache.reserve(cache.capacity if static else new_length)
-        step = cache.plan(positions, max(new_length, cache.allocated))
+        step = cache.plan_next_token(last) if next_token else cache.plan(positions, max(new_length, cache.allocated))
+        positions = step.q_pos
         logits = self._aot_step(tokens, step) if self._aot_step is not None else None  # None: not its step
         if logits is None:
             if not static and cache.allocated > 1:

@@ -169,6 +169,14 @@ void arrange_x(const X* x, float* out, int64_t rows, int64_t K, bool even_odd) {
       out[i + j] = static_cast<float>(x[i + natural(j, even_odd)]);
 }
 
+// A calling thread's scratch of at least n elements, kept between calls: a decode step calls the
+// kernels ~60 times, and a tensor allocated per call costs about a microsecond.
+template <typename E>
+E* scratch(std::vector<E>& buffer, size_t n) {
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
 template <typename T>
 void small_linear_typed(const at::Tensor& x, at::TensorList ws, at::Tensor& out, int64_t rows, int64_t K) {
   Stack<T> stack;
@@ -177,15 +185,14 @@ void small_linear_typed(const at::Tensor& x, at::TensorList ws, at::Tensor& out,
     stack.starts.push_back(stack.starts.back() + w.size(0));
   }
   const int64_t N = stack.starts.back();
-  at::Tensor xa = at::empty({rows, K}, x.options().dtype(at::kFloat));
-  float* xp = xa.mutable_data_ptr<float>();
+  static thread_local std::vector<float> x_buffer, y_buffer;
+  float* xp = scratch(x_buffer, rows * K);
   const bool fp32_out = out.scalar_type() == at::kFloat;
-  at::Tensor y = fp32_out ? out : at::empty({rows, N}, x.options().dtype(at::kFloat));
+  float* yp = fp32_out ? out.mutable_data_ptr<float>() : scratch(y_buffer, rows * N);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "small_linear", [&] {
     arrange_x(x.const_data_ptr<scalar_t>(), xp, rows, K, Widen<T>::kEvenOdd);
-    run(xp, stack, y.mutable_data_ptr<float>(), rows, K);
+    run(xp, stack, yp, rows, K);
     if (!fp32_out) {  // round to x's dtype, as F.linear's output is
-      const float* yp = y.const_data_ptr<float>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       for (int64_t i = 0; i < rows * N; ++i) op[i] = static_cast<scalar_t>(yp[i]);
     }
@@ -535,17 +542,20 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
   const Q* bp = bias.const_data_ptr<Q>();
   Q* op = out.mutable_data_ptr<Q>();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(G * D), o(G * D), scores(G * S);
-    std::vector<int16_t> w16(std::is_same_v<T, int8_t> ? G * (S + 1) : 0);  // int8 cache
+    static thread_local std::vector<float> q_buffer, o_buffer, score_buffer;
+    static thread_local std::vector<int16_t> w16_buffer;
+    float* qf = scratch(q_buffer, G * D);
+    float* o = scratch(o_buffer, G * D);
+    float* scores = scratch(score_buffer, G * S);
+    int16_t* w16 = std::is_same_v<T, int8_t> ? scratch(w16_buffer, G * (S + 1)) : nullptr;  // int8 cache
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, h = t % Hkv;
-      arrange_x(qp + (b * Hq + h * G) * D, qf.data(), G, D, even_odd);
-      for (auto& x : qf) x *= scale;
+      arrange_x(qp + (b * Hq + h * G) * D, qf, G, D, even_odd);
+      for (int64_t i = 0; i < G * D; ++i) qf[i] *= scale;
       const int64_t at = b * ls0 + h * ls1;  // this head's scales (int8 cache)
-      attend_any_group<T, Q>(G, qf.data(), kp + b * k.stride(0) + h * k.stride(1), vp + b * v.stride(0) + h * v.stride(1),
+      attend_any_group<T, Q>(G, qf, kp + b * k.stride(0) + h * k.stride(1), vp + b * v.stride(0) + h * v.stride(1),
                              k.stride(2), v.stride(2), S, D, bp + b * bias.stride(0), bias.stride(3),
-                             ksp ? ksp + at : nullptr, vsp ? vsp + at : nullptr, scores.data(), w16.data(),
-                             o.data());
+                             ksp ? ksp + at : nullptr, vsp ? vsp + at : nullptr, scores, w16, o);
       Q* dst = op + (b * Hq + h * G) * D;
       for (int64_t i = 0; i < G * D; i += kChunk)  // back from the arranged order
         for (int j = 0; j < kChunk; ++j) dst[i + natural(j, even_odd)] = static_cast<Q>(o[i + j]);
