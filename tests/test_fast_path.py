@@ -47,7 +47,7 @@ def test_inductor_compiled_decode_far_past_the_window():
     model = tiny_model(seed=13, sliding_window=8)
     tokens = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(14))
     plain, _ = decode(model, tokens, 3)
-    model.compile_decode()
+    model.compile_decode(fused=False)
     from torch._dynamo.utils import counters
     counters.clear()
     fast, _ = decode(model, tokens, 3)
@@ -66,7 +66,7 @@ def test_inductor_compiled_decode_while_buffers_grow(window):
     model = tiny_model(seed=18, sliding_window=window, max_seq_len=4 * GROW)
     tokens = torch.randint(0, 512, (1, GROW + 30), generator=torch.Generator().manual_seed(19))
     plain, _ = decode(model, tokens, GROW - 30)
-    model.compile_decode()
+    model.compile_decode(fused=False)
     from torch._dynamo.utils import counters
     counters.clear()
     fast, cache = decode(model, tokens, GROW - 30)
@@ -88,7 +88,7 @@ def test_compiled_step_is_served_from_inductor_caches():
     for _ in range(2):
         torch._dynamo.reset()
         counters.clear()
-        model = tiny_model(seed=25, sliding_window=8).compile_decode()
+        model = tiny_model(seed=25, sliding_window=8).compile_decode(fused=False)
         outs.append(decode(model, tokens, 4)[0])
         assert counters["inductor"]["fxgraph_cache_bypass"] == 0
     assert counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"] >= 1
@@ -249,8 +249,8 @@ def test_two_compiled_models_keep_their_own_weights():
     a, b = tiny_model(seed=23, sliding_window=8), tiny_model(seed=24, sliding_window=8)
     tokens = torch.randint(0, 512, (3, 14), generator=torch.Generator().manual_seed(25))
     want = {(name, n): decode(m, tokens[:n], 4)[0] for name, m in (("a", a), ("b", b)) for n in (1, 3)}
-    a.compile_decode()
-    b.compile_decode()
+    a.compile_decode(fused=False)
+    b.compile_decode(fused=False)
     for n in (1, 3):
         for name, m in (("a", a), ("b", b)):
             got, _ = decode(m, tokens[:n], 4)
@@ -411,7 +411,7 @@ def test_inductor_compiled_decode_runs_the_cpp_kernels(dtype, kernels):
     tokens = torch.randint(0, 512, (3, 24), generator=torch.Generator().manual_seed(32))
     want = {n: decode(model, tokens[:n], 4)[0] for n in (1, 3)}
     want_short = decode(model, tokens[:, :6], 1)[0]  # a one-token prompt: fresh k, v (no cache yet)
-    model.compile_decode(kernels=kernels)
+    model.compile_decode(kernels=kernels, fused=False)
     for n in (1, 3):
         decode(model, tokens[:n], 4)  # compile
         with profile() as prof:
@@ -593,3 +593,85 @@ def test_inductor_compiled_decode_reads_an_int8_cache(dtype):
         assert (got - want).abs().max() <= 0.1 * (want - exact).abs().max()
     else:
         assert (got.float() - want.float()).abs().max() < 0.05
+
+
+# ---------------------------------------------------------------- the batch-1 step in one C++ call (fused.py)
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kv", [None, torch.int8])
+@pytest.mark.parametrize("window", [8, None])
+def test_fused_decode_step_equals_the_plain_path(dtype, kv, window):
+    """compile_decode()'s batch-1 steps go through `decode_step`, one C++ call, with nothing compiled,
+    every step of 43 (far past a window of 8): the plain path's logits (fp32: within 1e-5; over an
+    int8 cache, within a tenth of what the int8 cache itself changes, as for the compiled step;
+    bf16/fp16: close, the same token where one clearly leads) and the same cache afterwards (slot positions, keys, values)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_model(seed=51, sliding_window=window).to(dtype)
+    with torch.no_grad():  # larger weights than the default init: logits of a few units, real softmaxes
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.2)
+    tokens = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(52))
+    exact, _ = decode(model, tokens, 5)
+    model.kv_cache_dtype = kv
+    want, want_cache = decode(model, tokens, 5)
+    model.compile_decode()
+    counters.clear()
+    got, cache = decode(model, tokens, 5)
+    assert model._fused_step.steps == 43
+    assert counters["stats"]["unique_graphs"] == 0  # nothing was compiled
+    assert torch.equal(cache.slot_pos, want_cache.slot_pos) and torch.equal(cache.next_pos, want_cache.next_pos)
+    assert cache.length == want_cache.length == 48
+    if dtype == torch.float32 and kv is None:
+        assert (got - want).abs().max() <= TOL
+        assert all((a - b).abs().max() <= TOL for a, b in zip(cache.buffers(), want_cache.buffers()))
+    elif dtype == torch.float32:
+        assert (got - want).abs().max() <= 0.1 * (want - exact).abs().max()
+    else:  # 16-bit: within 5 % of the logits' range, and the same token wherever the lead is clear
+        tol = 0.05 * want.float().abs().max()
+        assert (got.float() - want.float()).abs().max() < tol
+        top2 = want.float().topk(2, dim=-1).values
+        clear = top2[..., 0] - top2[..., 1] > 2 * tol
+        assert clear.sum() >= 5 and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+@needs_kernels
+def test_fused_decode_step_takes_only_what_it_can_run():
+    """The fused step reads the model's parameters in place (a load_state_dict is seen) and tied
+    embeddings; LoRA-wrapped or quantized linears, batches and explicit positions go to the
+    compiled step, with the plain path's logits."""
+    from mistral_torch.lora import apply_lora
+    from mistral_torch.quantize import quantize_model
+
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(53))
+    model = tiny_model(seed=54, sliding_window=8).compile_decode()
+    other = tiny_model(seed=55, sliding_window=8)
+    model.load_state_dict(other.state_dict())
+    assert (decode(model, tokens[:1], 6)[0] - decode(other, tokens[:1], 6)[0]).abs().max() <= TOL
+    assert model._fused_step.steps == 14
+    decode(model, tokens, 6)  # a batch of 2: the compiled step
+    with torch.inference_mode():  # explicit positions: the compiled step
+        _, cache = model(tokens[:1, :6])
+        model(tokens[:1, 6:7], cache=cache, positions=torch.tensor([[6]]))
+    assert model._fused_step.steps == 14
+
+    tied = tiny_model(seed=56, sliding_window=8, tie_embeddings=True)
+    want = decode(tied, tokens[:1], 6)[0]
+    tied.compile_decode()
+    assert (decode(tied, tokens[:1], 6)[0] - want).abs().max() <= TOL and tied._fused_step.steps == 14
+
+    assert tiny_model(seed=57).compile_decode(backend="aot_eager")._fused_step is None  # no C++ kernels there
+    lora = tiny_model(seed=57, sliding_window=8).compile_decode()
+    assert lora._fused_step is not None
+    apply_lora(lora, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    decode(lora, tokens[:1], 18)  # new modules: the step is set up again, without the fused step
+    assert lora._fused_step is None and not fast_fits(lora)
+    assert not fast_fits(quantize_model(tiny_model(seed=58, sliding_window=8), "int8"))
+
+
+def fast_fits(model) -> bool:
+    from mistral_torch.fused import FusedDecoder
+
+    return FusedDecoder.fits(model)

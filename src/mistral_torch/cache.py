@@ -265,14 +265,17 @@ class RollingKVCache:
     def commit(self, step: "CacheStep", new_length: int) -> None:
         """Record the chunk's positions once every layer has written it."""
         if step.host is not None:  # `plan_next_token`'s step: one position, known here
-            pos, slot = step.host
-            self.slot_pos[0, slot] = pos
-            self.next_pos.fill_(pos + 1)
-            self.length = new_length
+            self.commit_token(step.host[0], new_length)
             return
         rows, cols, slots = step.index
         self.slot_pos[rows, slots] = step.q_pos[rows, cols]
         self.next_pos = step.q_pos.max(dim=1).values.clamp(min=-1) + 1
+        self.length = new_length
+
+    def commit_token(self, pos: int, new_length: int) -> None:
+        """`commit` for one token of a batch-1 cache at position `pos`, slot `pos % capacity`."""
+        self.slot_pos[0, pos % self.capacity] = pos
+        self.next_pos.fill_(pos + 1)
         self.length = new_length
 
 

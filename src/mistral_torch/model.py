@@ -26,6 +26,7 @@ from torch import nn
 from . import fast
 from .args import ModelArgs
 from .aot import AotDecoder
+from .fused import FusedDecoder
 from .cache import CacheStep, RollingKVCache, attention_bias, attention_mask, dequantize_int8
 
 
@@ -177,6 +178,7 @@ class Transformer(nn.Module):
         self.kv_cache_dtype: torch.dtype | None = None  # new caches' buffers: None = the model's dtype, or torch.int8
         self._decode_step = None  # a compiled `_run` for one-token steps (see `compile_decode`)
         self._aot_step: AotDecoder | None = None  # the batch-1 step compiled ahead of time (aot=True)
+        self._fused_step: FusedDecoder | None = None  # the batch-1 step as one C++ call (fused.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -287,7 +289,7 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ compiled decode
     def compile_decode(self, mode: str | None = None, options: dict | None = None,
                        backend: str = "inductor", pack: bool | None = None,
-                       kernels: bool | None = None, aot: bool = False) -> "Transformer":
+                       kernels: bool | None = None, aot: bool = False, fused: bool = True) -> "Transformer":
         """Compile the one-token decode step (used under `torch.no_grad`/`inference_mode`).
 
         Only `_run` is compiled; the cache bookkeeping around it stays eager. On CPU the step
@@ -311,11 +313,12 @@ class Transformer(nn.Module):
         Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
 
-        `aot=True` (CPU, inductor, no mode): batch-1 steps run the same graph compiled ahead of time
-        by AOTInductor (`aot.py`), one C++ call per token instead of a Python wrapper (measured
-        +7 % fp32, +13 % bf16 at bench-125m); its package is cached on disk across processes.
+        `fused` (default; with the C++ kernels, no mode): batch-1 steps of plain models (no LoRA or
+        quantized linears) run as one C++ call (`fused.py`) that nothing compiles, so they start
+        at once; the compiled step (torch.compile, or with `aot=True` the same graph compiled ahead
+        of time by AOTInductor, `aot.py`, its package cached on disk) runs every other step.
         """
-        self._compile_args = (mode, options, backend, pack, kernels, aot)
+        self._compile_args = (mode, options, backend, pack, kernels, aot, fused)
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
         cpu_inductor = backend == "inductor" and mode is None and self.device.type == "cpu"
         use_kernels = cpu_inductor and kernels is not False and fast.cpp_kernels()  # built once
@@ -341,6 +344,7 @@ class Transformer(nn.Module):
         # Ahead of time: CPU inductor steps whose weights are not oneDNN-packed (their graph op is
         # Python); packing is the default only where the C++ kernels are off.
         self._aot_step = AotDecoder(self) if aot and cpu_inductor and not onednn else None
+        self._fused_step = FusedDecoder(self) if fused and use_kernels and FusedDecoder.fits(self) else None
         if aot and self._aot_step is None:
             warnings.warn("compile_decode(aot=True) applies to CPU inductor steps without oneDNN-packed "
                           "weights (the default with the C++ kernels, x86 AVX2): using torch.compile's step")
@@ -379,6 +383,10 @@ class Transformer(nn.Module):
         # (reduce-overhead) need fixed shapes: there the buffers start at full capacity.
         static = self._compile_args[0] == "reduce-overhead"
         cache.reserve(cache.capacity if static else new_length)
+        if next_token and self._fused_step is not None:  # one C++ call (fused.py)
+            logits = self._fused_step(tokens, cache, last)
+            cache.commit_token(last, new_length)
+            return logits
         step = cache.plan_next_token(last) if next_token else cache.plan(positions, max(new_length, cache.allocated))
         positions = step.q_pos
         logits = self._aot_step(tokens, step) if self._aot_step is not None else None  # None: not its step

@@ -529,36 +529,44 @@ void attend_any_group(int G, const float* q, const T* k, const T* v, int64_t ldk
   }
 }
 
-// T: the cache's element type; Q: that of q, bias and out (the same, or any float type over int8).
+// One kv head: its G query heads (`q`, G x D in natural order) over S keys and values (`ldk` / `ldv`
+// apart; an int8 cache's scales `ks`, `vs`, else null), plus `bias` (`bias_step` apart), into `dst`
+// (G x D). T: the cache's element type; Q: that of q, bias and dst (the same, or any float type over int8).
+template <typename T, typename Q>
+void attend_head(int G, const Q* q, const T* k, const T* v, int64_t ldk, int64_t ldv, int64_t S, int64_t D,
+                 const Q* bias, int64_t bias_step, const float* ks, const float* vs, Q* dst) {
+  static thread_local std::vector<float> q_buffer, o_buffer, score_buffer;
+  static thread_local std::vector<int16_t> w16_buffer;
+  constexpr bool even_odd = Widen<T>::kEvenOdd;
+  float* qf = scratch(q_buffer, G * D);
+  float* o = scratch(o_buffer, G * D);
+  float* scores = scratch(score_buffer, G * S);
+  int16_t* w16 = std::is_same_v<T, int8_t> ? scratch(w16_buffer, G * (S + 1)) : nullptr;  // int8 cache
+  arrange_x(q, qf, G, D, even_odd);
+  const float scale = 1.0f / std::sqrt(float(D));
+  for (int64_t i = 0; i < G * D; ++i) qf[i] *= scale;
+  attend_any_group<T, Q>(G, qf, k, v, ldk, ldv, S, D, bias, bias_step, ks, vs, scores, w16, o);
+  for (int64_t i = 0; i < G * D; i += kChunk)  // back from the arranged order
+    for (int j = 0; j < kChunk; ++j) dst[i + natural(j, even_odd)] = static_cast<Q>(o[i + j]);
+}
+
 template <typename T, typename Q>
 void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                             const float* ksp, const float* vsp, int64_t ls0, int64_t ls1, at::Tensor& out, int G) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
-  const float scale = 1.0f / std::sqrt(float(D));
-  constexpr bool even_odd = Widen<T>::kEvenOdd;
   const Q* qp = q.const_data_ptr<Q>();
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
   const Q* bp = bias.const_data_ptr<Q>();
   Q* op = out.mutable_data_ptr<Q>();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    static thread_local std::vector<float> q_buffer, o_buffer, score_buffer;
-    static thread_local std::vector<int16_t> w16_buffer;
-    float* qf = scratch(q_buffer, G * D);
-    float* o = scratch(o_buffer, G * D);
-    float* scores = scratch(score_buffer, G * S);
-    int16_t* w16 = std::is_same_v<T, int8_t> ? scratch(w16_buffer, G * (S + 1)) : nullptr;  // int8 cache
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, h = t % Hkv;
-      arrange_x(qp + (b * Hq + h * G) * D, qf, G, D, even_odd);
-      for (int64_t i = 0; i < G * D; ++i) qf[i] *= scale;
       const int64_t at = b * ls0 + h * ls1;  // this head's scales (int8 cache)
-      attend_any_group<T, Q>(G, qf, kp + b * k.stride(0) + h * k.stride(1), vp + b * v.stride(0) + h * v.stride(1),
-                             k.stride(2), v.stride(2), S, D, bp + b * bias.stride(0), bias.stride(3),
-                             ksp ? ksp + at : nullptr, vsp ? vsp + at : nullptr, scores, w16, o);
-      Q* dst = op + (b * Hq + h * G) * D;
-      for (int64_t i = 0; i < G * D; i += kChunk)  // back from the arranged order
-        for (int j = 0; j < kChunk; ++j) dst[i + natural(j, even_odd)] = static_cast<Q>(o[i + j]);
+      attend_head<T, Q>(G, qp + (b * Hq + h * G) * D, kp + b * k.stride(0) + h * k.stride(1),
+                        vp + b * v.stride(0) + h * v.stride(1), k.stride(2), v.stride(2), S, D,
+                        bp + b * bias.stride(0), bias.stride(3), ksp ? ksp + at : nullptr, vsp ? vsp + at : nullptr,
+                        op + (b * Hq + h * G) * D);
     }
   });
 }
@@ -616,14 +624,202 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   return out;
 }
 
+// ---------------------------------------------------------------- the whole batch-1 decode step
+// decode_step: one token of one sequence through every layer and the LM head in a single call,
+// op for op what model.py computes (the comments name its lines), rounded to the model's dtype W
+// where its ops round: the ~60 kernel calls of a step with no dispatch, allocation or framework
+// code between them. Activations live in fp32 scratch holding W-rounded values; the cache (W or
+// int8, `cache.quantize_int8`) is written at `slot` and read as `RollingKVCache` lays it out.
+
+template <typename W> inline float rnd(float x) { return static_cast<float>(static_cast<W>(x)); }
+
+// RMSNorm: weight * rms_norm(x.float()).to(W), into `out` (W-rounded).
+template <typename W>
+void rms_norm(const float* x, const W* weight, int64_t n, float eps, float* out) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
+  const float r = 1.0f / std::sqrt(float(ss / n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = rnd<W>(static_cast<float>(weight[i]) * rnd<W>(x[i] * r));
+}
+
+// x (n values) through the weights side by side (`small_linear`'s kernel), rounded to W.
+template <typename W>
+void linear(const float* x, std::initializer_list<const at::Tensor*> ws, int64_t n, float* y) {
+  static thread_local std::vector<float> x_buffer;
+  Stack<W> stack;
+  for (const at::Tensor* w : ws) {
+    stack.weights.push_back(w->const_data_ptr<W>());
+    stack.starts.push_back(stack.starts.back() + w->size(0));
+  }
+  float* xa = scratch(x_buffer, n);
+  arrange_x(x, xa, 1, n, Widen<W>::kEvenOdd);
+  run(xa, stack, y, 1, n);
+  if constexpr (!std::is_same_v<W, float>)
+    for (int64_t i = 0; i < stack.starts.back(); ++i) y[i] = rnd<W>(y[i]);
+}
+
+// apply_rope on `heads` heads of D in place: x * cos + [-x2, x1] * sin, in fp32, rounded to W.
+template <typename W>
+void rope(float* x, int64_t heads, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* xh = x + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = xh[i], x2 = xh[i + half];
+      xh[i] = rnd<W>(x1 * cos[i] + x2 * sin[i]);  // sin's first half is negated
+      xh[i + half] = rnd<W>(x2 * cos[i + half] + x1 * sin[i + half]);
+    }
+  }
+}
+
+// One head's new key or value (D values) into its cache slot: as W, or as int8 with its scale.
+template <typename W, typename C>
+void store(const float* x, int64_t D, C* dst, float* scale) {
+  if constexpr (std::is_same_v<C, int8_t>) {
+    float amax = 0.0f;
+    for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(x[d]));
+    *scale = amax / 127.0f;
+    const float inv = *scale > 0.0f ? 1.0f / *scale : 0.0f;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<int8_t>(std::clamp(std::nearbyint(x[d] * inv), -127.0f, 127.0f));
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<W>(x[d]);
+  }
+}
+
+template <typename W, typename C>
+void decode_step_typed(int64_t token, int64_t pos, int64_t slot, const int64_t* slot_pos, int64_t window,
+                       const at::Tensor& embed, at::TensorList layers, const at::Tensor& norm,
+                       const at::Tensor& lm_head, const float* inv_freq, at::TensorList k_cache, at::TensorList v_cache,
+                       at::TensorList k_scale, at::TensorList v_scale, int64_t Hq, float eps, W* logits) {
+  const int64_t dim = embed.size(1), Hkv = k_cache[0].size(1), S = k_cache[0].size(2), D = k_cache[0].size(3);
+  const int64_t G = Hq / Hkv, hidden = layers[6].size(0), V = lm_head.size(0), qkv_n = (Hq + 2 * Hkv) * D;
+  static thread_local std::vector<float> xb, hb, qkvb, gub, yb, cs;
+  static thread_local std::vector<W> qw, attn, bias;
+  float* x = scratch(xb, dim);                          // the residual stream
+  float* h = scratch(hb, std::max(dim, hidden));        // a norm's output, then the SwiGLU product
+  float* qkv = scratch(qkvb, qkv_n);
+  float* gu = scratch(gub, 2 * hidden);
+  float* y = scratch(yb, std::max(dim, V));
+  float* cos = scratch(cs, 2 * D);
+  float* sin = cos + D;
+  W* q = scratch(qw, Hq * D);
+  W* att = scratch(attn, Hq * D);
+  W* b = scratch(bias, S);
+  const W* e = embed.const_data_ptr<W>() + token * dim;  // x = embed_tokens(tokens)
+  for (int64_t i = 0; i < dim; ++i) x[i] = static_cast<float>(e[i]);
+  for (int64_t i = 0; i < D / 2; ++i) {  // rope_cos_sin: the first half of sin negated
+    const float f = float(pos) * inv_freq[i];
+    cos[i] = cos[i + D / 2] = std::cos(f);
+    sin[i] = -std::sin(f);
+    sin[i + D / 2] = std::sin(f);
+  }
+  for (int64_t s = 0; s < S; ++s) {  // attention_mask + attention_bias over the slots, this token's included
+    const int64_t kp = s == slot ? pos : slot_pos[s];
+    const bool seen = kp >= 0 && kp <= pos && (window <= 0 || kp > pos - window);
+    b[s] = static_cast<W>(seen ? 0.0f : -INFINITY);
+  }
+  const bool int8 = std::is_same_v<C, int8_t>;
+  for (size_t l = 0; l * 9 < layers.size(); ++l) {
+    const at::Tensor* w = layers.data() + l * 9;  // input norm, q, k, v, o, post norm, gate, up, down
+    // h = x + self_attn(input_layernorm(x))
+    rms_norm<W>(x, w[0].const_data_ptr<W>(), dim, eps, h);
+    linear<W>(h, {&w[1], &w[2], &w[3]}, dim, qkv);
+    rope<W>(qkv, Hq + Hkv, D, cos, sin);  // q and k: heads side by side
+    for (int64_t i = 0; i < Hq * D; ++i) q[i] = static_cast<W>(qkv[i]);
+    C* kc = k_cache[l].mutable_data_ptr<C>();
+    C* vc = v_cache[l].mutable_data_ptr<C>();
+    float* ks = int8 ? k_scale[l].mutable_data_ptr<float>() : nullptr;
+    float* vs = int8 ? v_scale[l].mutable_data_ptr<float>() : nullptr;
+    for (int64_t kv = 0; kv < Hkv; ++kv) {  // step.stored_keys_values: write first
+      store<W, C>(qkv + (Hq + kv) * D, D, kc + (kv * S + slot) * D, ks ? ks + kv * S + slot : nullptr);
+      store<W, C>(qkv + (Hq + Hkv + kv) * D, D, vc + (kv * S + slot) * D, vs ? vs + kv * S + slot : nullptr);
+    }
+    at::parallel_for(0, Hkv, 1, [&](int64_t h0, int64_t h1) {  // decode_attention
+      for (int64_t kv = h0; kv < h1; ++kv)
+        attend_head<C, W>(int(G), q + kv * G * D, kc + kv * S * D, vc + kv * S * D, D, D, S, D, b, 1,
+                          ks ? ks + kv * S : nullptr, vs ? vs + kv * S : nullptr, att + kv * G * D);
+    });
+    for (int64_t i = 0; i < Hq * D; ++i) h[i] = static_cast<float>(att[i]);
+    linear<W>(h, {&w[4]}, Hq * D, y);  // o_proj
+    for (int64_t i = 0; i < dim; ++i) x[i] = rnd<W>(x[i] + y[i]);
+    // x = h + mlp(post_attention_layernorm(h)): down(silu(gate) * up)
+    rms_norm<W>(x, w[5].const_data_ptr<W>(), dim, eps, h);
+    linear<W>(h, {&w[6], &w[7]}, dim, gu);
+    for (int64_t i = 0; i < hidden; ++i) h[i] = rnd<W>(rnd<W>(gu[i] / (1.0f + std::exp(-gu[i]))) * gu[hidden + i]);
+    linear<W>(h, {&w[8]}, hidden, y);
+    for (int64_t i = 0; i < dim; ++i) x[i] = rnd<W>(x[i] + y[i]);
+  }
+  rms_norm<W>(x, norm.const_data_ptr<W>(), dim, eps, h);  // lm_head(norm(x))
+  linear<W>(h, {&lm_head}, dim, y);
+  for (int64_t i = 0; i < V; ++i) logits[i] = static_cast<W>(y[i]);
+}
+
+// The logits (1, 1, V) of `token` at position `pos`, stored at cache slot `slot` of a batch-1
+// cache whose other slots hold the positions `slot_pos` (1, capacity; -1: empty). `layers`: 9
+// tensors a layer (input_layernorm, q, k, v, o, post_attention_layernorm, gate, up, down weights);
+// k, v: the layers' cache buffers (1, Hkv, S, D), int8 with fp32 scales k_scale, v_scale (1, Hkv, S)
+// or of the model's dtype with no scales; window <= 0: none.
+at::Tensor decode_step(int64_t token, int64_t pos, int64_t slot, const at::Tensor& slot_pos, int64_t window,
+                       const at::Tensor& embed, at::TensorList layers, const at::Tensor& norm, const at::Tensor& lm_head,
+                       const at::Tensor& inv_freq, at::TensorList k, at::TensorList v, at::TensorList k_scale,
+                       at::TensorList v_scale, int64_t n_heads, double eps) {
+  const auto dtype = embed.scalar_type();
+  TORCH_CHECK(!k.empty() && layers.size() == 9 * k.size() && v.size() == k.size(),
+              "decode_step: 9 weights and one key and value buffer per layer expected");
+  const bool int8 = k[0].scalar_type() == at::kChar;
+  TORCH_CHECK(int8 ? k_scale.size() == k.size() && v_scale.size() == k.size() : k_scale.empty() && v_scale.empty(),
+              "decode_step: scales go with an int8 cache, and only with it");
+  const int64_t Hkv = k[0].size(1), S = k[0].size(2), D = k[0].size(3), dim = embed.size(1);
+  TORCH_CHECK(n_heads % Hkv == 0 && n_heads / Hkv <= kMaxRows && D % kChunk == 0 && dim % kChunk == 0,
+              "decode_step: ", n_heads, " query heads over ", Hkv, " kv heads of ", D, " (head_dim and dim: multiples of ",
+              kChunk, ")");
+  TORCH_CHECK(0 <= token && token < embed.size(0) && 0 <= slot && slot < S && slot_pos.numel() >= S &&
+                  slot_pos.scalar_type() == at::kLong && slot_pos.is_contiguous() && inv_freq.numel() == D / 2 &&
+                  inv_freq.scalar_type() == at::kFloat,
+              "decode_step: token, slot, slot positions or RoPE frequencies out of range");
+  for (size_t i = 0; i < layers.size(); ++i)
+    TORCH_CHECK(layers[i].scalar_type() == dtype && layers[i].is_contiguous() && layers[i].device().is_cpu(),
+                "decode_step: weight ", i, " must be a contiguous CPU tensor of the model's dtype");
+  for (size_t l = 0; l < k.size(); ++l)
+    TORCH_CHECK(k[l].is_contiguous() && v[l].is_contiguous() && k[l].sizes() == k[0].sizes() &&
+                    v[l].sizes() == k[0].sizes() && k[l].scalar_type() == k[0].scalar_type() &&
+                    v[l].scalar_type() == k[0].scalar_type() && (int8 || k[l].scalar_type() == dtype) &&
+                    (!int8 || (k_scale[l].is_contiguous() && v_scale[l].is_contiguous())),
+                "decode_step: cache buffers must be contiguous (1, Hkv, S, D), of the model's dtype or int8");
+  TORCH_CHECK(embed.is_contiguous() && lm_head.is_contiguous() && lm_head.scalar_type() == dtype &&
+                  norm.scalar_type() == dtype && lm_head.size(1) == dim,
+              "decode_step: embedding, final norm and LM head must be contiguous, of the model's dtype");
+  at::Tensor logits = at::empty({1, 1, lm_head.size(0)}, embed.options());
+  const auto step_as = [&](auto w_type) {
+    using W = decltype(w_type);
+    const auto go = [&](auto c_type) {
+      decode_step_typed<W, decltype(c_type)>(token, pos, slot, slot_pos.const_data_ptr<int64_t>(), window, embed,
+                                             layers, norm, lm_head, inv_freq.const_data_ptr<float>(), k, v, k_scale,
+                                             v_scale, n_heads, float(eps), logits.mutable_data_ptr<W>());
+    };
+    if (int8) go(int8_t{}); else go(W{});
+  };
+  switch (dtype) {
+    case at::kFloat: step_as(float{}); break;
+    case at::kBFloat16: step_as(at::BFloat16{}); break;
+    case at::kHalf: step_as(at::Half{}); break;
+    default: TORCH_CHECK(false, "decode_step: dtype must be float32, bfloat16 or float16, got ", dtype);
+  }
+  return logits;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mistral_torch_cpu, m) {
   m.def("small_linear(Tensor x, Tensor[] ws) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
+  m.def("decode_step(int token, int pos, int slot, Tensor slot_pos, int window, Tensor embed, Tensor[] layers, "
+        "Tensor norm, Tensor lm_head, Tensor inv_freq, Tensor(a!)[] k, Tensor(b!)[] v, Tensor(c!)[] k_scale, "
+        "Tensor(d!)[] v_scale, int n_heads, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistral_torch_cpu, CPU, m) {
   m.impl("small_linear", &small_linear);
   m.impl("decode_attention", &decode_attention);
+  m.impl("decode_step", &decode_step);
 }

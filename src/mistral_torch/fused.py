@@ -1,0 +1,73 @@
+"""The batch-1 decode step as one C++ call: `Transformer.compile_decode()` on x86 AVX2 CPUs.
+
+A decode step of one sequence is ~60 small kernels (per layer: norm, q/k/v, RoPE and the cache
+write, attention, o, norm, gate/up, SwiGLU, down). Run from a compiled graph, every call pays for
+dispatch, allocation and code and metadata that the weight stream has pushed out of the CPU
+caches: ~15 % of a bf16 step at bench-125m (README, Speed). `decode_step` in
+`csrc/decode_kernels.cpp` runs the same ops in one call, in the order and at the rounding points
+of `model.py`, over the model's own parameters and the cache's own buffers, with the same two
+kernels the compiled step uses (`small_linear`, the decode attention). No compiler is involved,
+so there is no warm-up beyond building the kernels once per machine.
+
+It takes plain models only: `nn.Linear` weights of the model's dtype (not LoRA-wrapped or
+quantized linears), the model's `RMSNorm`s, fp32/bf16/fp16, a cache of the model's dtype or int8,
+one sequence continuing at its next position. Every other step goes to the compiled step as before.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from . import fast
+from .cache import RollingKVCache
+
+if TYPE_CHECKING:
+    from .model import Transformer
+
+
+class FusedDecoder:
+    """`decode_step` over one model's parameters (kept by reference: in-place updates are seen)."""
+
+    def __init__(self, model: "Transformer") -> None:
+        a = model.args
+        self.model = model
+        self.layers = [t for layer in model.model.layers for t in (
+            layer.input_layernorm.weight, layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+            layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight, layer.post_attention_layernorm.weight,
+            layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight)]
+        # rope_cos_sin's inverse frequencies, computed as it computes them
+        self.inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64).float() / a.head_dim))
+        self.steps = 0  # steps it has run
+
+    @staticmethod
+    def fits(model: "Transformer") -> bool:
+        """Whether `decode_step` can run this model's batch-1 steps."""
+        from .model import RMSNorm
+
+        a, dtype = model.args, model.dtype
+        if (not fast.cpp_kernels() or model.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16)
+                or a.head_dim % 16 or a.dim % 16 or a.n_heads % a.n_kv_heads or a.n_heads // a.n_kv_heads > fast.SMALL_MAX_ROWS):
+            return False
+        linears, norms = [model.lm_head], [model.model.norm]
+        for layer in model.model.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            linears += [at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        embed = model.model.embed_tokens
+        return (type(embed) is nn.Embedding and embed.weight.dtype == dtype
+                and all(type(m) in (nn.Linear, fast.PackedLinear) and m.bias is None and m.weight.dtype == dtype
+                        and m.weight.is_contiguous() for m in linears)
+                and all(type(m) is RMSNorm and m.eps == a.norm_eps and m.weight.dtype == dtype for m in norms))
+
+    def __call__(self, tokens: torch.Tensor, cache: RollingKVCache, pos: int) -> torch.Tensor:
+        """The logits (1, 1, V) of one sequence's token (1, 1) at `pos`, its cache's next position
+        (buffers grown for it); the cache is written at `pos`'s slot (`commit_token` records it)."""
+        m = self.model
+        self.steps += 1
+        return torch.ops.mistral_torch_cpu.decode_step(
+            int(tokens.item()), pos, pos % cache.capacity, cache.slot_pos, m.args.sliding_window or 0,
+            m.model.embed_tokens.weight, self.layers, m.model.norm.weight, m.lm_head.weight, self.inv_freq,
+            cache.k, cache.v, cache.k_scale, cache.v_scale, m.args.n_heads, m.args.norm_eps)
