@@ -633,13 +633,38 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
 
 template <typename W> inline float rnd(float x) { return static_cast<float>(static_cast<W>(x)); }
 
+// rnd for 8 floats: bf16 by rounding the bits to nearest even (NaN kept), fp16 through F16C.
+template <typename W> inline __m256 rnd8(__m256 x) {
+  if constexpr (std::is_same_v<W, at::BFloat16>) {
+    const __m256i i = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_and_si256(_mm256_add_epi32(i, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))),
+                                       _mm256_set1_epi32(int(0xFFFF0000)));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  } else if constexpr (std::is_same_v<W, at::Half>) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return x;
+  }
+}
+
+// out[i] = rnd(f(i)) for i < n, where f8(i) gives 8 values at once and f1(i) one.
+template <typename W, typename F8, typename F1>
+inline void each(int64_t n, float* out, F8 f8, F1 f1) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, rnd8<W>(f8(i)));
+  for (; i < n; ++i) out[i] = rnd<W>(f1(i));
+}
+
 // RMSNorm: weight * rms_norm(x.float()).to(W), into `out` (W-rounded).
 template <typename W>
 void rms_norm(const float* x, const W* weight, int64_t n, float eps, float* out) {
   double ss = 0.0;
   for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
   const float r = 1.0f / std::sqrt(float(ss / n) + eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = rnd<W>(static_cast<float>(weight[i]) * rnd<W>(x[i] * r));
+  const __m256 r8 = _mm256_set1_ps(r);
+  each<W>(n, out, [&](int64_t i) { return _mm256_mul_ps(load8<W>(weight + i), rnd8<W>(_mm256_mul_ps(_mm256_loadu_ps(x + i), r8))); },
+          [&](int64_t i) { return static_cast<float>(weight[i]) * rnd<W>(x[i] * r); });
 }
 
 // x (n values) through the weights side by side (`small_linear`'s kernel), rounded to W.
@@ -654,8 +679,31 @@ void linear(const float* x, std::initializer_list<const at::Tensor*> ws, int64_t
   float* xa = scratch(x_buffer, n);
   arrange_x(x, xa, 1, n, Widen<W>::kEvenOdd);
   run(xa, stack, y, 1, n);
-  if constexpr (!std::is_same_v<W, float>)
-    for (int64_t i = 0; i < stack.starts.back(); ++i) y[i] = rnd<W>(y[i]);
+  each<W>(stack.starts.back(), y, [&](int64_t i) { return _mm256_loadu_ps(y + i); }, [&](int64_t i) { return y[i]; });
+}
+
+// n floats already rounded to W (`rnd`), stored as W: exact, 8 at a time.
+template <typename W>
+void to_dtype(const float* x, W* out, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<W, at::BFloat16>) {
+    for (; i + 8 <= n; i += 8) {
+      const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(_mm256_loadu_ps(x + i)), 16);
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), packed);
+    }
+  } else if constexpr (std::is_same_v<W, at::Half>) {
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; ++i) out[i] = static_cast<W>(x[i]);
+}
+
+// x += y, rounded to W (a residual add).
+template <typename W>
+void add(float* x, const float* y, int64_t n) {
+  each<W>(n, x, [&](int64_t i) { return _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)); },
+          [&](int64_t i) { return x[i] + y[i]; });
 }
 
 // apply_rope on `heads` heads of D in place: x * cos + [-x2, x1] * sin, in fp32, rounded to W.
@@ -725,7 +773,7 @@ void decode_step_typed(int64_t token, int64_t pos, int64_t slot, const int64_t* 
     rms_norm<W>(x, w[0].const_data_ptr<W>(), dim, eps, h);
     linear<W>(h, {&w[1], &w[2], &w[3]}, dim, qkv);
     rope<W>(qkv, Hq + Hkv, D, cos, sin);  // q and k: heads side by side
-    for (int64_t i = 0; i < Hq * D; ++i) q[i] = static_cast<W>(qkv[i]);
+    to_dtype<W>(qkv, q, Hq * D);
     C* kc = k_cache[l].mutable_data_ptr<C>();
     C* vc = v_cache[l].mutable_data_ptr<C>();
     float* ks = int8 ? k_scale[l].mutable_data_ptr<float>() : nullptr;
@@ -741,17 +789,22 @@ void decode_step_typed(int64_t token, int64_t pos, int64_t slot, const int64_t* 
     });
     for (int64_t i = 0; i < Hq * D; ++i) h[i] = static_cast<float>(att[i]);
     linear<W>(h, {&w[4]}, Hq * D, y);  // o_proj
-    for (int64_t i = 0; i < dim; ++i) x[i] = rnd<W>(x[i] + y[i]);
+    add<W>(x, y, dim);
     // x = h + mlp(post_attention_layernorm(h)): down(silu(gate) * up)
     rms_norm<W>(x, w[5].const_data_ptr<W>(), dim, eps, h);
     linear<W>(h, {&w[6], &w[7]}, dim, gu);
-    for (int64_t i = 0; i < hidden; ++i) h[i] = rnd<W>(rnd<W>(gu[i] / (1.0f + std::exp(-gu[i]))) * gu[hidden + i]);
+    const float* up = gu + hidden;
+    each<W>(hidden, h, [&](int64_t i) {
+      const __m256 g = _mm256_loadu_ps(gu + i), one = _mm256_set1_ps(1.0f);
+      const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+      return _mm256_mul_ps(rnd8<W>(silu), _mm256_loadu_ps(up + i));
+    }, [&](int64_t i) { return rnd<W>(gu[i] / (1.0f + std::exp(-gu[i]))) * up[i]; });
     linear<W>(h, {&w[8]}, hidden, y);
-    for (int64_t i = 0; i < dim; ++i) x[i] = rnd<W>(x[i] + y[i]);
+    add<W>(x, y, dim);
   }
   rms_norm<W>(x, norm.const_data_ptr<W>(), dim, eps, h);  // lm_head(norm(x))
   linear<W>(h, {&lm_head}, dim, y);
-  for (int64_t i = 0; i < V; ++i) logits[i] = static_cast<W>(y[i]);
+  to_dtype<W>(y, logits, V);
 }
 
 // The logits (1, 1, V) of `token` at position `pos`, stored at cache slot `slot` of a batch-1
