@@ -329,6 +329,29 @@ def test_small_linear_equals_fp32_matmul(dtype, rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [2, 3])
+def test_small_linear_splits_rows_between_threads_exactly(threads):
+    """With several threads, 16-bit weights are taken in 64 KB blocks, each thread its own share
+    first and then what is left of the others' (fp32: one share each): every output row is
+    computed once, as on one thread, bit for bit, also for outputs stacked from several weights."""
+    g = torch.Generator().manual_seed(threads)
+    old = torch.get_num_threads()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ws = [torch.randn(n, 32, generator=g).to(dtype) for n in (5000, 77, 3001)]  # 1024-row blocks
+        x = torch.randn(2, 32, generator=g).to(dtype)
+        torch.set_num_threads(threads)
+        try:
+            fast.small_linear(x + 1, *ws)  # its freed output becomes `got`'s: a skipped row would show
+            got = fast.small_linear(x, *ws)
+            torch.set_num_threads(1)
+            want = fast.small_linear(x, *ws)
+        finally:
+            torch.set_num_threads(old)
+        assert torch.equal(got, want), dtype
+        assert torch.allclose(got.float(), x.float() @ torch.cat(ws).float().t(), rtol=ULP[dtype], atol=1e-4)
+
+
+@needs_kernels
 def test_small_linear_refuses_what_it_cannot_multiply():
     w = torch.randn(8, 40)  # 40 features: not a multiple of 16
     assert not fast.small_linear_fits(w) and not fast.small_linear_fits(torch.randn(8, 48).t())

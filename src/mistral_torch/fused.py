@@ -40,6 +40,7 @@ class FusedDecoder:
             layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight)]
         # rope_cos_sin's inverse frequencies, computed as it computes them
         self.inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64).float() / a.head_dim))
+        self.op = torch.ops.mistral_torch_cpu.decode_step
         self.steps = 0  # steps it has run
 
     @staticmethod
@@ -67,7 +68,7 @@ class FusedDecoder:
         (buffers grown for it); the cache is written at `pos`'s slot (`commit_token` records it)."""
         m = self.model
         self.steps += 1
-        return torch.ops.mistral_torch_cpu.decode_step(
+        return self.op(
             int(tokens.item()), pos, pos % cache.capacity, cache.slot_pos, m.args.sliding_window or 0,
             m.model.embed_tokens.weight, self.layers, m.model.norm.weight, m.lm_head.weight, self.inv_freq,
             cache.k, cache.v, cache.k_scale, cache.v_scale, m.args.n_heads, m.args.norm_eps)

@@ -24,6 +24,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -128,14 +129,38 @@ struct Stack {
 
 template <typename T, int M>
 void pass(const float* x, const Stack<T>& stack, float* y, int64_t ldy, int64_t K) {
-  // Split the stacked weight rows between threads; a grain of ~64 KB of weight per task.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / K);
-  at::parallel_for(0, stack.starts.back(), grain, [&](int64_t n0, int64_t n1) {
+  const auto rows = [&](int64_t n0, int64_t n1) {
     for (size_t i = 0; i < stack.weights.size(); ++i) {
       const int64_t lo = std::max(n0, stack.starts[i]), hi = std::min(n1, stack.starts[i + 1]);
       if (lo < hi) rows_kernel<T, M>(x, stack.weights[i] + (lo - stack.starts[i]) * K, y + lo, ldy, K, hi - lo);
     }
-  });
+  };
+  const int64_t N = stack.starts.back();
+  if constexpr (sizeof(T) == 2) {
+    // 16-bit weights: each thread streams its own share in blocks of 64 KB, then takes blocks left
+    // in the others' shares, so that no thread waits at the end for a slower one: +8-11 % for a
+    // bf16 step (A/B in one process); fp32 weights measured level, and keep the plain split.
+    constexpr int kMaxThreads = 64;
+    const int64_t block = std::max<int64_t>(1, (int64_t(64) << 10) / (K * int64_t(sizeof(T))));
+    const int threads = int(std::min<int64_t>({at::get_num_threads(), (N + block - 1) / block, kMaxThreads}));
+    if (threads > 1) {
+      struct alignas(64) Next { std::atomic<int64_t> row; };  // one cache line each
+      Next next[kMaxThreads];
+      const int64_t share = (N + threads - 1) / threads;
+      for (int t = 0; t < threads; ++t) next[t].row.store(t * share, std::memory_order_relaxed);
+      at::parallel_for(0, threads, 1, [&](int64_t own, int64_t) {
+        for (int64_t u = 0; u < threads; ++u) {
+          const int64_t t = (own + u) % threads, end = std::min(N, (t + 1) * share);
+          for (int64_t n = next[t].row.fetch_add(block, std::memory_order_relaxed); n < end;
+               n = next[t].row.fetch_add(block, std::memory_order_relaxed))
+            rows(n, std::min(end, n + block));
+        }
+      });
+      return;
+    }
+  }
+  // fp32 (or one thread): one share of the rows per thread, of at least 2^15 weights.
+  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t(1) << 15) / K), rows);
 }
 
 template <typename T>
