@@ -1,4 +1,4 @@
-"""Decode speed: mistral-torch (eager and compiled) vs transformers vs llama.cpp, one run.
+"""Decode speed: mistral-torch (eager, fused, compiled) vs transformers vs llama.cpp, one run.
 
     python benchmarks/bench_decode.py                         # bench-125m, fp32 + bf16, batch 1 and 8
     python benchmarks/bench_decode.py --dtypes fp32 --batches 1 --no-compile
@@ -110,12 +110,13 @@ def build(args: argparse.Namespace, dtype: str) -> Transformer:
 
 
 def compile_step(model: Transformer, args: argparse.Namespace, prompt: torch.Tensor,
-                 kernels: bool | None = None, aot: bool = False) -> tuple[Callable, float]:
+                 kernels: bool | None = None, aot: bool = False, fused: bool = True) -> tuple[Callable, float]:
     """The compiled decode step and its warm-up time (a first short generation, which compiles);
     `kernels=False`: without the C++ kernels (inductor's fused reductions and SDPA instead);
-    `aot=True`: batch-1 steps compiled ahead of time by AOTInductor (`compile_decode(aot=True)`)."""
+    `aot=True, fused=False`: batch-1 steps compiled ahead of time by AOTInductor; by default
+    batch-1 steps run as one C++ call where they can (`fused.py`: nothing to compile)."""
     mode = "reduce-overhead" if args.device.startswith("cuda") else None
-    model.compile_decode(mode=mode, kernels=kernels, aot=aot)
+    model.compile_decode(mode=mode, kernels=kernels, aot=aot, fused=fused)
     fn = model._decode_step
     t0 = time.perf_counter()
     ours(model, prompt, 4, fn)
@@ -151,13 +152,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             meta[f"mistral-torch eager b{b}"] = dict(impl="mistral-torch", mode="eager", batch=b)
             if not args.no_compile:
                 fn, warm = compile_step(fast, args, prompt)
-                contenders[f"mistral-torch compiled b{b}"] = lambda p=prompt, fn=fn: ours(fast, p, args.new, fn)
-                meta[f"mistral-torch compiled b{b}"] = dict(impl="mistral-torch", mode="compiled", batch=b,
-                                                            compile_warmup_s=warm)
-                print(f"  {dtype} b{b} compile warm-up {warm:.1f} s", file=sys.stderr, flush=True)
+                mode = "fused" if b == 1 and fast._fused_step is not None else "compiled"
+                contenders[f"mistral-torch {mode} b{b}"] = lambda p=prompt, fn=fn: ours(fast, p, args.new, fn)
+                meta[f"mistral-torch {mode} b{b}"] = dict(impl="mistral-torch", mode=mode, batch=b,
+                                                          compile_warmup_s=warm)
+                print(f"  {dtype} b{b} {mode} warm-up {warm:.1f} s", file=sys.stderr, flush=True)
             if aot is not None and b == 1:
                 name = "mistral-torch compiled AOT b1"
-                fn, warm = compile_step(aot, args, prompt, aot=True)
+                fn, warm = compile_step(aot, args, prompt, aot=True, fused=False)
                 contenders[name] = lambda p=prompt, fn=fn: ours(aot, p, args.new, fn)
                 meta[name] = dict(impl="mistral-torch", mode="compiled AOT", batch=1, compile_warmup_s=warm)
                 print(f"  {dtype} b1 AOT compile warm-up {warm:.1f} s", file=sys.stderr, flush=True)
@@ -246,7 +248,8 @@ def child(args: argparse.Namespace) -> None:
     """One contender alone in this process: build, warm up, generate; print peak RSS."""
     name, model, prompt = child_setup(args)
     if name.startswith("mistral-torch"):
-        fn = compile_step(model, args, prompt, aot="AOT" in name)[0] if "compiled" in name else None
+        aot = "AOT" in name
+        fn = compile_step(model, args, prompt, aot=aot, fused=not aot)[0] if "eager" not in name else None
         ours(model, prompt, args.new, fn)
     elif name.startswith("transformers"):
         hf = common.hf_model(model)
