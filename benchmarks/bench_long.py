@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": common.machine(), "config": vars(args).copy(), "threads": threads,
         "compile_warmup_s": warmup if args.compile or args.aot else None,
         "aot_steps": model._aot_step.steps if args.aot and model._aot_step else None,  # of decode_steps
+        "fused_steps": model._fused_step.steps if model._fused_step else None,  # of decode_steps
         "decode_steps": 4 + 2 * args.repeats * args.burst + (args.long - args.short if args.decode_all else 0),
         "tok_s_near": statistics.median(near), "tok_s_far": statistics.median(far),
         "position_near": int(short.next_pos[0]), "position_far": int(long.next_pos[0]),
