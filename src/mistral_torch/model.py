@@ -297,7 +297,8 @@ class Transformer(nn.Module):
         length, so one compilation serves every position); with `mode="reduce-overhead"` (CUDA
         graphs) the buffers start at full capacity, so every step has the same shapes. The first
         step compiles: 20-35 s on a CPU, again for batch 1 vs larger batches; inductor's on-disk
-        caches make that ~5 s in later processes.
+        caches make that ~5 s in later processes. (Batch-1 steps of plain models on x86 AVX2 skip
+        it: `fused` below.)
 
         On CPU the linears become `fast.PackedLinear`s (same parameters and state-dict keys). On an
         x86 CPU with AVX2 (no AVX-512) `kernels` (default: wherever they build) adds two small C++
