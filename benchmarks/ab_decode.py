@@ -4,8 +4,12 @@
     python benchmarks/ab_decode.py --dtypes bf16 --rounds 12
 
 Contenders (all `compile_decode()`, C++ kernels on where they build):
-- "default": q/k/v and gate/up in one kernel call each, linear weights on 2 MB huge pages;
-- "separate projections": every linear its own call (`fast.project` off for that twin);
+- "default": batch 1 through the fused C++ step (`fused.py`), batches through the compiled step
+  with q/k/v and gate/up in one kernel call each; linear weights on 2 MB huge pages;
+- "AOT, not fused": batch 1 through the AOTInductor step instead (`compile_decode(aot=True,
+  fused=False)`);
+- "separate projections": every linear its own call (`fast.project` off for that twin; batches
+  only: the fused batch-1 step always multiplies q/k/v and gate/up in one pass);
 - "4 KB pages": the weights left where they were allocated (`fast.HUGE_PAGES = False` for that
   twin's compile_decode).
 Greedy steps after a 64-token prompt, `--steps` steps per measurement, the contenders interleaved
@@ -57,9 +61,10 @@ def run(args: argparse.Namespace) -> dict:
     for dtype in args.dtypes:
         base = common.make_model(ModelArgs.from_name(args.preset), common.DTYPES[dtype], "cpu")
         twins = {}
-        for name in ("default", "separate projections", "4 KB pages"):
+        for name in ("default", "AOT, not fused", "separate projections", "4 KB pages"):
             fast.HUGE_PAGES = name != "4 KB pages"
-            twins[name] = common.twin(base).compile_decode()
+            aot = name == "AOT, not fused"
+            twins[name] = common.twin(base).compile_decode(aot=aot, fused=not aot)
             for m in twins[name].modules():
                 m._separate = name == "separate projections"
         fast.HUGE_PAGES = True
