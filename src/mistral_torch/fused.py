@@ -58,10 +58,11 @@ class FusedDecoder:
             linears += [at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
             norms += [layer.input_layernorm, layer.post_attention_layernorm]
         embed = model.model.embed_tokens
-        return (type(embed) is nn.Embedding and embed.weight.dtype == dtype
+        return (type(embed) is nn.Embedding and embed.weight.dtype == dtype and embed.weight.is_contiguous()
                 and all(type(m) in (nn.Linear, fast.PackedLinear) and m.bias is None and m.weight.dtype == dtype
                         and m.weight.is_contiguous() for m in linears)
-                and all(type(m) is RMSNorm and m.eps == a.norm_eps and m.weight.dtype == dtype for m in norms))
+                and all(type(m) is RMSNorm and m.eps == a.norm_eps and m.weight.dtype == dtype
+                        and m.weight.is_contiguous() for m in norms))
 
     def __call__(self, tokens: torch.Tensor, cache: RollingKVCache, pos: int) -> torch.Tensor:
         """The logits (1, 1, V) of one sequence's token (1, 1) at `pos`, its cache's next position
