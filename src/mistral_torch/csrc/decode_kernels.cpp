@@ -1,5 +1,6 @@
 // The two CPU (AVX2) kernels of a decode step, as torch ops `mistral_torch_cpu::small_linear` and
-// `mistral_torch_cpu::decode_attention` (built and registered by mistral_torch/fast.py).
+// `mistral_torch_cpu::decode_attention` (built and registered by mistral_torch/fast.py), and
+// `mistral_torch_cpu::decode_step`: a whole batch-1 step over them in one call (fused.py; at the end).
 //
 // small_linear: y = x @ w.t() for a few rows of x (decode: 1 to 8), reading the weight w once;
 // given several weights (q/k/v, gate/up), their outputs side by side from one call.
