@@ -10,6 +10,7 @@ import torch
 
 from conftest import hf_twin, tiny_model
 from mistral_torch.cache import GROW
+from mistral_torch.fused import FusedDecoder
 from mistral_torch.generate import generate_ids
 
 TOL = 1e-5
@@ -690,11 +691,5 @@ def test_fused_decode_step_takes_only_what_it_can_run():
     assert lora._fused_step is not None
     apply_lora(lora, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     decode(lora, tokens[:1], 18)  # new modules: the step is set up again, without the fused step
-    assert lora._fused_step is None and not fast_fits(lora)
-    assert not fast_fits(quantize_model(tiny_model(seed=58, sliding_window=8), "int8"))
-
-
-def fast_fits(model) -> bool:
-    from mistral_torch.fused import FusedDecoder
-
-    return FusedDecoder.fits(model)
+    assert lora._fused_step is None and not FusedDecoder.fits(lora)
+    assert not FusedDecoder.fits(quantize_model(tiny_model(seed=58, sliding_window=8), "int8"))

@@ -705,7 +705,8 @@ void linear(const float* x, std::initializer_list<const at::Tensor*> ws, int64_t
   float* xa = scratch(x_buffer, n);
   arrange_x(x, xa, 1, n, Widen<W>::kEvenOdd);
   run(xa, stack, y, 1, n);
-  each<W>(stack.starts.back(), y, [&](int64_t i) { return _mm256_loadu_ps(y + i); }, [&](int64_t i) { return y[i]; });
+  if constexpr (!std::is_same_v<W, float>)  // fp32: already what F.linear gives
+    each<W>(stack.starts.back(), y, [&](int64_t i) { return _mm256_loadu_ps(y + i); }, [&](int64_t i) { return y[i]; });
 }
 
 // n floats already rounded to W (`rnd`), stored as W: exact, 8 at a time.
