@@ -93,13 +93,15 @@ inline float sum8(__m256 v) {
 
 // `count` rows of y (M rows, ldy apart) from as many weight rows (K apart) and M rows of arranged x.
 // Up to 4 rows keep two accumulators per row; more would not fit the 16 vector registers.
-// 16-bit weights are prefetched 1 KB ahead (into L2, once per cache line): the hardware prefetcher
-// alone left one bf16 row at ~20 GB/s over bench-125m's 49 weight groups, +8-10 % with it (1 row),
-// +5-7 % (8 rows), measured side by side; fp32 weights stream at ~28 GB/s without it and gained nothing.
+// Weights are prefetched 1 KB ahead (into L2, once per cache line), except fp32 weights for one row:
+// the hardware prefetcher alone left one bf16 row at ~20 GB/s over bench-125m's 49 weight groups,
+// +8-10 % with it (1 row), +5-7 % (8 rows); fp32 weights for one row stream at ~28 GB/s without it
+// and gained nothing, while for 4 and 8 rows (where FMAs take as long as the stream, and the two did
+// not overlap) it gave +20-30 %; all measured side by side.
 template <typename T, int M>
 void rows_kernel(const float* x, const T* w, float* y, int64_t ldy, int64_t K, int64_t count) {
   constexpr int A = M <= 4 ? 2 : 1;
-  constexpr int64_t kPrefetch = sizeof(T) == 2 ? 1024 : 0;         // bytes ahead
+  constexpr int64_t kPrefetch = sizeof(T) == 2 || M > 1 ? 1024 : 0;  // bytes ahead
   constexpr int64_t kLine = std::max<int64_t>(1, 64 / (kChunk * sizeof(T)));  // chunks per cache line
   for (int64_t n = 0; n < count; ++n) {
     const T* row = w + n * K;
@@ -398,6 +400,8 @@ void weighted_sum(const float* w, const T* v, int64_t ldv, int64_t S, int64_t D,
         acc[g][1] = _mm256_loadu_ps(out + g * D + d + 8);
       }
       for (int64_t s = s0; s < s1; ++s) {
+        // this chunk of the next block's row into L1 (the last row again at the end): +3-11 %, A/B
+        _mm_prefetch(reinterpret_cast<const char*>(v + std::min(s + kKeys, S - 1) * ldv + d), _MM_HINT_T0);
         __m256 a, b;
         Widen<T>::load(v + s * ldv + d, a, b);
         for (int g = 0; g < G; ++g) {
@@ -448,7 +452,7 @@ void weighted_sum_int8(const float* w, const float* wmax, const int8_t* v, int64
     for (int64_t d = 0; d < D; d += kChunk) {
       __m256i acc[G][2];
       for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_si256();
-      for (int64_t s = s0; s < s1; s += 2) {
+      const auto two_keys = [&](int64_t s) {
         const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + s * ldv + d));
         const __m128i b = s + 1 < s1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + (s + 1) * ldv + d))
                                      : _mm_setzero_si128();
@@ -461,7 +465,17 @@ void weighted_sum_int8(const float* w, const float* wmax, const int8_t* v, int64
           acc[g][0] = _mm256_add_epi32(acc[g][0], _mm256_madd_epi16(x0, p));
           acc[g][1] = _mm256_add_epi32(acc[g][1], _mm256_madd_epi16(x1, p));
         }
+      };
+      // The first two passes fetch the next block into L1, a row per step, half the block each:
+      // +8 % over leaving it to the hardware prefetcher (A/B in one process, caches from memory).
+      const int64_t first = s1 + (d / kChunk) * (kKeys / 2);
+      const int64_t ahead = d < 2 * kChunk ? std::clamp<int64_t>(S - first, 0, kKeys / 2) : 0;
+      int64_t s = s0;
+      for (; s < s1 && (s - s0) / 2 < ahead; s += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(v + (first + (s - s0) / 2) * ldv), _MM_HINT_T0);
+        two_keys(s);
       }
+      for (; s < s1; s += 2) two_keys(s);
       for (int g = 0; g < G; ++g) {
         const __m256 u = _mm256_set1_ps(unit[g]);
         float* o = out + g * D + d;
