@@ -590,6 +590,20 @@ void attend_head(int G, const Q* q, const T* k, const T* v, int64_t ldk, int64_t
     for (int j = 0; j < kChunk; ++j) dst[i + natural(j, even_odd)] = static_cast<Q>(o[i + j]);
 }
 
+// How many of a row's S slots attention reads: up to its last one not masked (bias -inf), rounded
+// up to a multiple of 8 (at most S), so that the vector loops see the same lanes and the result is
+// bit for bit the one over all S slots (the few masked slots read must hold finite values, as a
+// cache's zero-filled buffers do). A cache's buffers grow ahead of the sequence (256 slots at a
+// time, doubling), so their tail is often empty: a step at position 100 reads 104 of 256 slots.
+inline int64_t round_keys(int64_t n, int64_t S) { return std::min(S, (n + 7) / 8 * 8); }
+
+template <typename Q>
+int64_t unmasked_prefix(const Q* bias, int64_t step, int64_t S) {
+  int64_t n = S;
+  while (n > 1 && static_cast<float>(bias[(n - 1) * step]) == -INFINITY) --n;
+  return round_keys(n, S);
+}
+
 template <typename T, typename Q>
 void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                             const float* ksp, const float* vsp, int64_t ls0, int64_t ls1, at::Tensor& out, int G) {
@@ -599,12 +613,14 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
   const T* vp = v.const_data_ptr<T>();
   const Q* bp = bias.const_data_ptr<Q>();
   Q* op = out.mutable_data_ptr<Q>();
+  std::vector<int64_t> keys(B);  // each row's slots up to its last unmasked one
+  for (int64_t b = 0; b < B; ++b) keys[b] = unmasked_prefix(bp + b * bias.stride(0), bias.stride(3), S);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, h = t % Hkv;
       const int64_t at = b * ls0 + h * ls1;  // this head's scales (int8 cache)
       attend_head<T, Q>(G, qp + (b * Hq + h * G) * D, kp + b * k.stride(0) + h * k.stride(1),
-                        vp + b * v.stride(0) + h * v.stride(1), k.stride(2), v.stride(2), S, D,
+                        vp + b * v.stride(0) + h * v.stride(1), k.stride(2), v.stride(2), keys[b], D,
                         bp + b * bias.stride(0), bias.stride(3), ksp ? ksp + at : nullptr, vsp ? vsp + at : nullptr,
                         op + (b * Hq + h * G) * D);
     }
@@ -802,11 +818,14 @@ void decode_step_typed(int64_t token, int64_t pos, int64_t slot, const int64_t* 
     sin[i] = -std::sin(f);
     sin[i + D / 2] = std::sin(f);
   }
+  int64_t keys = 1;  // slots up to the last one seen (`unmasked_prefix`)
   for (int64_t s = 0; s < S; ++s) {  // attention_mask + attention_bias over the slots, this token's included
     const int64_t kp = s == slot ? pos : slot_pos[s];
     const bool seen = kp >= 0 && kp <= pos && (window <= 0 || kp > pos - window);
     b[s] = static_cast<W>(seen ? 0.0f : -INFINITY);
+    if (seen) keys = s + 1;
   }
+  keys = round_keys(keys, S);
   const bool int8 = std::is_same_v<C, int8_t>;
   for (size_t l = 0; l * 9 < layers.size(); ++l) {
     const at::Tensor* w = layers.data() + l * 9;  // input norm, q, k, v, o, post norm, gate, up, down
@@ -825,7 +844,7 @@ void decode_step_typed(int64_t token, int64_t pos, int64_t slot, const int64_t* 
     }
     at::parallel_for(0, Hkv, 1, [&](int64_t h0, int64_t h1) {  // decode_attention
       for (int64_t kv = h0; kv < h1; ++kv)
-        attend_head<C, W>(int(G), q + kv * G * D, kc + kv * S * D, vc + kv * S * D, D, D, S, D, b, 1,
+        attend_head<C, W>(int(G), q + kv * G * D, kc + kv * S * D, vc + kv * S * D, D, D, keys, D, b, 1,
                           ks ? ks + kv * S : nullptr, vs ? vs + kv * S : nullptr, att + kv * G * D);
     });
     for (int64_t i = 0; i < Hq * D; ++i) h[i] = static_cast<float>(att[i]);
