@@ -97,7 +97,7 @@ inline float sum8(__m256 v) {
 // the hardware prefetcher alone left one bf16 row at ~20 GB/s over bench-125m's 49 weight groups,
 // +8-10 % with it (1 row), +5-7 % (8 rows); fp32 weights for one row stream at ~28 GB/s without it
 // and gained nothing, while for 4 and 8 rows (where FMAs take as long as the stream, and the two did
-// not overlap) it gave +20-30 %; all measured side by side.
+// not overlap) it gave +9-30 % (three runs); all measured side by side.
 template <typename T, int M>
 void rows_kernel(const float* x, const T* w, float* y, int64_t ldy, int64_t K, int64_t count) {
   constexpr int A = M <= 4 ? 2 : 1;
@@ -400,7 +400,7 @@ void weighted_sum(const float* w, const T* v, int64_t ldv, int64_t S, int64_t D,
         acc[g][1] = _mm256_loadu_ps(out + g * D + d + 8);
       }
       for (int64_t s = s0; s < s1; ++s) {
-        // this chunk of the next block's row into L1 (the last row again at the end): +3-11 %, A/B
+        // this chunk of the next block's row into L1 (the last row again at the end): +3-12 %, A/B
         _mm_prefetch(reinterpret_cast<const char*>(v + std::min(s + kKeys, S - 1) * ldv + d), _MM_HINT_T0);
         __m256 a, b;
         Widen<T>::load(v + s * ldv + d, a, b);
@@ -467,7 +467,7 @@ void weighted_sum_int8(const float* w, const float* wmax, const int8_t* v, int64
         }
       };
       // The first two passes fetch the next block into L1, a row per step, half the block each:
-      // +8 % over leaving it to the hardware prefetcher (A/B in one process, caches from memory).
+      // +6-9 % over leaving it to the hardware prefetcher (A/B in one process, caches from memory).
       const int64_t first = s1 + (d / kChunk) * (kKeys / 2);
       const int64_t ahead = d < 2 * kChunk ? std::clamp<int64_t>(S - first, 0, kKeys / 2) : 0;
       int64_t s = s0;
