@@ -13,6 +13,13 @@ from mistral_torch import ModelArgs, Transformer
 torch.set_num_threads(int(os.environ.get("MISTRAL_TORCH_TEST_THREADS", "1")))
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_rng():
+    """Each test starts from the same global RNG state, so that what it draws without a generator
+    of its own does not depend on which tests ran before it."""
+    torch.manual_seed(0)
+
+
 def tiny_args(**overrides) -> ModelArgs:
     base = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=160, n_heads=4, n_kv_heads=2,
                 vocab_size=512, sliding_window=8, max_seq_len=256)
