@@ -128,6 +128,10 @@ template <typename T>
 struct Stack {
   std::vector<const T*> weights;
   std::vector<int64_t> starts{0};
+  void add(const at::Tensor& w) {
+    weights.push_back(w.const_data_ptr<T>());
+    starts.push_back(starts.back() + w.size(0));
+  }
 };
 
 template <typename T, int M>
@@ -208,10 +212,7 @@ E* scratch(std::vector<E>& buffer, size_t n) {
 template <typename T>
 void small_linear_typed(const at::Tensor& x, at::TensorList ws, at::Tensor& out, int64_t rows, int64_t K) {
   Stack<T> stack;
-  for (const at::Tensor& w : ws) {
-    stack.weights.push_back(w.const_data_ptr<T>());
-    stack.starts.push_back(stack.starts.back() + w.size(0));
-  }
+  for (const at::Tensor& w : ws) stack.add(w);
   const int64_t N = stack.starts.back();
   static thread_local std::vector<float> x_buffer, y_buffer;
   float* xp = scratch(x_buffer, rows * K);
@@ -728,10 +729,7 @@ template <typename W>
 void linear(const float* x, std::initializer_list<const at::Tensor*> ws, int64_t n, float* y) {
   static thread_local std::vector<float> x_buffer;
   Stack<W> stack;
-  for (const at::Tensor* w : ws) {
-    stack.weights.push_back(w->const_data_ptr<W>());
-    stack.starts.push_back(stack.starts.back() + w->size(0));
-  }
+  for (const at::Tensor* w : ws) stack.add(*w);
   float* xa = scratch(x_buffer, n);
   arrange_x(x, xa, 1, n, Widen<W>::kEvenOdd);
   run(xa, stack, y, 1, n);
