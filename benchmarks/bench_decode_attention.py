@@ -51,7 +51,7 @@ def step(q: torch.Tensor, bias: torch.Tensor, layers: list[tuple]) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     if not fast.cpp_kernels():
-        raise SystemExit("the C++ kernels are unavailable here (x86 AVX2 without AVX-512 only)")
+        raise SystemExit("the C++ kernels are unavailable here (x86 with AVX2 or AVX-512 only)")
     a = ModelArgs.from_name(args.preset)
     g = torch.Generator().manual_seed(0)
     results = {"machine": common.machine(), "config": vars(args).copy(), "rows": []}

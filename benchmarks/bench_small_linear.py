@@ -45,7 +45,7 @@ def step(groups: list[list[torch.Tensor]], xs: dict[int, torch.Tensor]) -> float
 
 def run(args: argparse.Namespace) -> dict:
     if not fast.cpp_kernels():
-        raise SystemExit("the C++ kernels are unavailable here (x86 AVX2 without AVX-512 only)")
+        raise SystemExit("the C++ kernels are unavailable here (x86 with AVX2 or AVX-512 only)")
     results = {"machine": common.machine(), "config": vars(args).copy(), "rows": []}
     for dtype in args.dtypes:
         plain = common.make_model(ModelArgs.from_name(args.preset), common.DTYPES[dtype], "cpu")

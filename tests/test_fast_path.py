@@ -368,10 +368,10 @@ def test_small_linear_refuses_what_it_cannot_multiply():
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
-                    or torch.backends.cpu.get_cpu_capability() != "AVX2"
+                    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
                     or shutil.which(os.environ.get("CXX", "c++")) is None
                     or os.environ.get("MISTRAL_TORCH_CPP_KERNELS", "1") == "0",
-                    reason="the C++ kernels are for x86 AVX2 CPUs with a C++ compiler (and not switched off)")
+                    reason="the C++ kernels are for x86 AVX2/AVX-512 CPUs with a C++ compiler (and not switched off)")
 def test_cpp_kernels_build_where_they_should():
     """Where the kernels are meant to run, they build: a compile error in `decode_kernels.cpp` must
     fail here, not skip every test marked `needs_kernels`."""

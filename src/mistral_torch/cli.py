@@ -51,7 +51,7 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
     p.add_argument("--quantize", default=None, metavar="METHOD",
                    help="quantize the weights after loading: int8, int4 or nf4 (quantize.py)")
     p.add_argument("--compile", action="store_true",
-                   help="the fast decode step: on x86 AVX2 CPUs one prompt's steps run as one C++ call "
+                   help="the fast decode step: on x86 AVX2/AVX-512 CPUs one prompt's steps run as one C++ call "
                         "(~2.5x faster tokens, nothing to compile; the kernels build once, ~20 s) and batches, "
                         "LoRA adapters and quantized weights through torch.compile (20-35 s warm-up the first "
                         "time, ~5 s later from inductor's on-disk cache); elsewhere torch.compile for all, "
@@ -280,7 +280,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step, compiled before serving (30-60 s on a CPU; faster "
-                        "decoding of the running batch; on x86 AVX2 CPUs with two C++ kernels built once, "
+                        "decoding of the running batch; on x86 AVX2/AVX-512 CPUs with two C++ kernels built once, "
                         "elsewhere fp32 weights packed for oneDNN: 2x memory)")
     add_kv_cache_flag(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,

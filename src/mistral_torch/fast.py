@@ -2,7 +2,7 @@
 
 Decode streams every weight once per step, so its speed is how fast the weights are read:
 
-- Up to 8 rows on an x86 CPU with AVX2 (no AVX-512), after `compile_decode()`: `small_linear`,
+- Up to 8 rows on an x86 CPU with AVX2 or AVX-512, after `compile_decode()`: `small_linear`,
   a C++ kernel (`csrc/decode_kernels.cpp`, built on first use by `cpp_kernels`) that reads each
   weight once for all rows at memory speed, bf16 included (widened by a shift and a mask, which
   inductor's reductions cannot express); and `decode_attention` over the grouped query heads.
@@ -346,17 +346,23 @@ _CSRC = Path(__file__).parent / "csrc" / "decode_kernels.cpp"
 _kernels_loaded = False
 
 
+def avx512() -> bool:
+    """Whether torch runs this CPU's AVX-512 kernels (oneDNN's packed weights pay for prefill there)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 @functools.lru_cache(maxsize=None)
 def cpp_kernels() -> bool:
     """Build (first call: ~15 s; later processes load it from torch's extension cache) and load
     `csrc/decode_kernels.cpp`; whether its ops are usable. False, with a warning saying why, where
-    the build fails; False quietly on other CPUs than x86 AVX2 (without AVX-512) or with
+    the build fails; False quietly on CPUs other than x86 with AVX2 (or AVX-512) or with
     MISTRAL_TORCH_CPP_KERNELS=0."""
     global _kernels_loaded
     if os.environ.get("MISTRAL_TORCH_CPP_KERNELS", "1") == "0":
         return False
-    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() != "AVX2":
-        return False  # with AVX-512, inductor's own fused reductions were measured faster (README, Speed)
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in (
+            "AVX2", "AVX512"):
+        return False  # AVX2 code; on AVX-512 CPUs too, where the fused step was measured faster (README)
     try:
         from torch.utils import cpp_extension
 

@@ -1,4 +1,4 @@
-"""The batch-1 decode step as one C++ call: `Transformer.compile_decode()` on x86 AVX2 CPUs.
+"""The batch-1 decode step as one C++ call: `Transformer.compile_decode()` on x86 AVX2/AVX-512 CPUs.
 
 A decode step of one sequence is ~60 small kernels (per layer: norm, q/k/v, RoPE and the cache
 write, attention, o, norm, gate/up, SwiGLU, down). Run from a compiled graph, every call pays for

@@ -297,11 +297,11 @@ class Transformer(nn.Module):
         length, so one compilation serves every position); with `mode="reduce-overhead"` (CUDA
         graphs) the buffers start at full capacity, so every step has the same shapes. The first
         step compiles: 20-35 s on a CPU, again for batch 1 vs larger batches; inductor's on-disk
-        caches make that ~5 s in later processes. (Batch-1 steps of plain models on x86 AVX2 skip
+        caches make that ~5 s in later processes. (Batch-1 steps of plain models on x86 AVX2/AVX-512 skip
         it: `fused` below.)
 
         On CPU the linears become `fast.PackedLinear`s (same parameters and state-dict keys). On an
-        x86 CPU with AVX2 (no AVX-512) `kernels` (default: wherever they build) adds two small C++
+        x86 CPU with AVX2 or AVX-512 `kernels` (default: wherever they build) adds two small C++
         kernels, compiled on first use (~15 s, then cached by torch): `fast.small_linear` for up to
         8 rows (batch-1 and batched steps read each weight once, at memory speed, bf16 included;
         q/k/v and gate/up one call each)
@@ -309,7 +309,7 @@ class Transformer(nn.Module):
         each linear into a one-row reduction (`fast.one_row_linear`). Several rows beyond that
         (larger batches, eager prefill) take the fastest kernel this CPU has for the dtype:
         oneDNN with a packed copy of the weight (one extra copy of the linear weights; by default
-        only when the C++ kernels are off; `pack` forces it on or off), or for bf16/fp16 without
+        when the C++ kernels are off or the CPU has AVX-512; `pack` forces it on or off), or for bf16/fp16 without
         native hardware an fp32 matmul on the weight upcast block by block (no copy kept).
         Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
@@ -323,7 +323,9 @@ class Transformer(nn.Module):
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
         cpu_inductor = backend == "inductor" and mode is None and self.device.type == "cpu"
         use_kernels = cpu_inductor and kernels is not False and fast.cpp_kernels()  # built once
-        onednn = pack if pack is not None else not use_kernels
+        # oneDNN's packed copy: where the C++ kernels are off (it takes the decode rows), and on
+        # AVX-512 CPUs (it takes the prefill rows: 1.8x MKL at 512 tokens there; README, Speed)
+        onednn = pack if pack is not None else not use_kernels or fast.avx512()
         if cpu_inductor:
             fast.pack_linears(self)
             if fast.HUGE_PAGES:
@@ -348,7 +350,7 @@ class Transformer(nn.Module):
         self._fused_step = FusedDecoder(self) if fused and use_kernels and FusedDecoder.fits(self) else None
         if aot and self._aot_step is None:
             warnings.warn("compile_decode(aot=True) applies to CPU inductor steps without oneDNN-packed "
-                          "weights (the default with the C++ kernels, x86 AVX2): using torch.compile's step")
+                          "weights (the default with the C++ kernels on AVX2 CPUs): using torch.compile's step")
         self._compiled_for, self._checked_at, self._dynamic_buffers = self._structure(), None, None
         return self
 
