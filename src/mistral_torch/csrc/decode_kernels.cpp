@@ -93,15 +93,17 @@ inline float sum8(__m256 v) {
 
 // `count` rows of y (M rows, ldy apart) from as many weight rows (K apart) and M rows of arranged x.
 // Up to 4 rows keep two accumulators per row; more would not fit the 16 vector registers.
-// Weights are prefetched 1 KB ahead (into L2, once per cache line), except fp32 weights for one row:
-// the hardware prefetcher alone left one bf16 row at ~20 GB/s over bench-125m's 49 weight groups,
-// +8-10 % with it (1 row), +5-7 % (8 rows); fp32 weights for one row stream at ~28 GB/s without it
-// and gained nothing, while for 4 and 8 rows (where FMAs take as long as the stream, and the two did
-// not overlap) it gave +9-30 % (three runs); all measured side by side.
+// Weights are prefetched into L2, once per cache line, except fp32 weights for one row: 1 KB ahead
+// for one bf16 row (the hardware prefetcher alone left it at ~20 GB/s over bench-125m's 49 weight
+// groups; +8-10 % with it on Zen 3); fp32 weights for one row stream at ~28 GB/s without it and
+// gained nothing. For 2-8 rows, where the FMAs take about as long as the stream, 4 KB ahead: on a
+// Zen 4, 8 rows 1.6-1.7x fp32 and 1.04-1.10x bf16 over 1 KB ahead (2 KB: 1.37x / 1.08x; 8 KB and
+// 16 KB: no better than 4 KB), 4 rows 1.19x / 1.23x, 2 rows 1.05x / 1.09x; 1 KB ahead had given
+// +9-30 % for 4 and 8 fp32 rows over none on Zen 3. All measured side by side in one process.
 template <typename T, int M>
 void rows_kernel(const float* x, const T* w, float* y, int64_t ldy, int64_t K, int64_t count) {
   constexpr int A = M <= 4 ? 2 : 1;
-  constexpr int64_t kPrefetch = sizeof(T) == 2 || M > 1 ? 1024 : 0;  // bytes ahead
+  constexpr int64_t kPrefetch = M > 1 ? 4096 : sizeof(T) == 2 ? 1024 : 0;  // bytes ahead
   constexpr int64_t kLine = std::max<int64_t>(1, 64 / (kChunk * sizeof(T)));  // chunks per cache line
   for (int64_t n = 0; n < count; ++n) {
     const T* row = w + n * K;
