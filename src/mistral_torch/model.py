@@ -309,7 +309,7 @@ class Transformer(nn.Module):
         each linear into a one-row reduction (`fast.one_row_linear`). Several rows beyond that
         (larger batches, eager prefill) take the fastest kernel this CPU has for the dtype:
         oneDNN with a packed copy of the weight (one extra copy of the linear weights; by default
-        when the C++ kernels are off or the CPU has AVX-512; `pack` forces it on or off), or for bf16/fp16 without
+        when the C++ kernels are off, or on AVX-512 CPUs without `aot`; `pack` forces it on or off), or for bf16/fp16 without
         native hardware an fp32 matmul on the weight upcast block by block (no copy kept).
         Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
@@ -324,8 +324,9 @@ class Transformer(nn.Module):
         cpu_inductor = backend == "inductor" and mode is None and self.device.type == "cpu"
         use_kernels = cpu_inductor and kernels is not False and fast.cpp_kernels()  # built once
         # oneDNN's packed copy: where the C++ kernels are off (it takes the decode rows), and on
-        # AVX-512 CPUs (it takes the prefill rows: 1.8x MKL at 512 tokens there; README, Speed)
-        onednn = pack if pack is not None else not use_kernels or fast.avx512()
+        # AVX-512 CPUs (it takes the prefill rows: 1.2-1.8x MKL at 512 tokens there; README,
+        # Speed) unless the step is to be compiled ahead of time, which cannot call it
+        onednn = pack if pack is not None else not use_kernels or (fast.avx512() and not aot)
         if cpu_inductor:
             fast.pack_linears(self)
             if fast.HUGE_PAGES:
