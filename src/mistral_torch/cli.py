@@ -281,7 +281,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step, compiled before serving (30-60 s on a CPU; faster "
                         "decoding of the running batch; on x86 AVX2/AVX-512 CPUs with two C++ kernels built once, "
-                        "elsewhere fp32 weights packed for oneDNN: 2x memory)")
+                        "and on AVX-512 and other CPUs with weights packed for oneDNN: 2x memory)")
     add_kv_cache_flag(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight may take to finish after SIGTERM (default: 30)")

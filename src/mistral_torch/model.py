@@ -297,8 +297,8 @@ class Transformer(nn.Module):
         length, so one compilation serves every position); with `mode="reduce-overhead"` (CUDA
         graphs) the buffers start at full capacity, so every step has the same shapes. The first
         step compiles: 20-35 s on a CPU, again for batch 1 vs larger batches; inductor's on-disk
-        caches make that ~5 s in later processes. (Batch-1 steps of plain models on x86 AVX2/AVX-512 skip
-        it: `fused` below.)
+        caches make that ~5 s in later processes. (Batch-1 steps of plain models on x86 AVX2 and
+        AVX-512 CPUs skip it: `fused` below.)
 
         On CPU the linears become `fast.PackedLinear`s (same parameters and state-dict keys). On an
         x86 CPU with AVX2 or AVX-512 `kernels` (default: wherever they build) adds two small C++
@@ -309,8 +309,9 @@ class Transformer(nn.Module):
         each linear into a one-row reduction (`fast.one_row_linear`). Several rows beyond that
         (larger batches, eager prefill) take the fastest kernel this CPU has for the dtype:
         oneDNN with a packed copy of the weight (one extra copy of the linear weights; by default
-        when the C++ kernels are off, or on AVX-512 CPUs without `aot`; `pack` forces it on or off), or for bf16/fp16 without
-        native hardware an fp32 matmul on the weight upcast block by block (no copy kept).
+        when the C++ kernels are off, or on AVX-512 CPUs without `aot`; `pack` forces it on or
+        off), or for bf16/fp16 without native hardware an fp32 matmul on the weight upcast block
+        by block (no copy kept).
         Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
 
