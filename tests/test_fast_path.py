@@ -304,7 +304,7 @@ def test_compiled_step_follows_module_swaps():
 
 
 # ---------------------------------------------------------------- C++ few-row kernel (AVX2)
-needs_kernels = pytest.mark.skipif(not fast.cpp_kernels(), reason="C++ kernels unavailable here (not x86 AVX2, or no compiler)")
+needs_kernels = pytest.mark.skipif(not fast.cpp_kernels(), reason="C++ kernels unavailable here (not x86 AVX2/AVX-512, or no compiler)")
 ULP = {torch.float32: 2.0 ** -20, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 
 
@@ -747,3 +747,22 @@ def test_fused_decode_step_takes_only_what_it_can_run():
     decode(lora, tokens[:1], 18)  # new modules: the step is set up again, without the fused step
     assert lora._fused_step is None and not FusedDecoder.fits(lora)
     assert not FusedDecoder.fits(quantize_model(tiny_model(seed=58, sliding_window=8), "int8"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("avx512", [False, True])
+def test_compile_decode_packs_for_onednn_only_where_it_pays(monkeypatch, avx512):
+    """With the C++ kernels taking the decode rows, oneDNN's packed copy (one more copy of every linear
+    weight) is kept only on AVX-512 CPUs, for prefill, and not when the step is compiled ahead of time."""
+    monkeypatch.setattr(fast, "avx512", lambda: avx512)
+    for aot, packed in ((False, avx512), (True, False)):
+        model = tiny_model(seed=3).compile_decode(aot=aot, fused=False)
+        linears = [m for m in model.modules() if isinstance(m, fast.PackedLinear)]
+        assert linears and all(m.small for m in linears)
+        assert all(m.onednn == packed for m in linears), (aot, avx512)
+        assert (model._aot_step is not None) == aot
+        if packed:  # the eager prefill of a prompt goes through the packed weight and still matches
+            tokens = torch.randint(0, model.args.vocab_size, (1, 24))
+            with torch.inference_mode():
+                plain = tiny_model(seed=3)(tokens)[0]
+                torch.testing.assert_close(model(tokens)[0], plain, rtol=1e-4, atol=1e-4)
