@@ -311,19 +311,21 @@ ULP = {torch.float32: 2.0 ** -20, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 11])
-def test_small_linear_equals_fp32_matmul(dtype, rows):
-    """Every row count (in passes of up to 8 rows), odd output sizes, 3-D inputs; fp32 accumulation,
-    rounded once to x's dtype: within one unit of that dtype of the fp32 product."""
+@pytest.mark.parametrize("features", [96, 208])
+def test_small_linear_equals_fp32_matmul(dtype, rows, features):
+    """Every row count (in passes of up to 8 rows), odd output sizes, 3-D inputs, features not a
+    multiple of 32 (208: the AVX512-BF16 path's masked tail, on CPUs that have it); fp32
+    accumulation, rounded once to x's dtype: within one unit of that dtype of the fp32 product."""
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(37, 96, generator=g).to(dtype)
-    x = torch.randn(1, rows, 96, generator=g).to(dtype)
+    w = torch.randn(37, features, generator=g).to(dtype)
+    x = torch.randn(1, rows, features, generator=g).to(dtype)
     want = (x.float() @ w.float().t())
     got = fast.small_linear(x, w)
     assert got.shape == (1, rows, 37) and got.dtype == dtype
     assert torch.allclose(got.float(), want, rtol=ULP[dtype], atol=1e-5)
     mixed = fast.small_linear(x.float(), w)  # fp32 activations, low-precision weight
     assert mixed.dtype == torch.float32 and torch.allclose(mixed, want, rtol=1e-5, atol=1e-5)
-    w2, w3 = torch.randn(5, 96, generator=g).to(dtype), torch.randn(64, 96, generator=g).to(dtype)
+    w2, w3 = torch.randn(5, features, generator=g).to(dtype), torch.randn(64, features, generator=g).to(dtype)
     stacked = fast.small_linear(x, w, w2, w3)  # several weights: their outputs side by side
     assert stacked.shape == (1, rows, 37 + 5 + 64)
     assert torch.equal(stacked, torch.cat([got, fast.small_linear(x, w2), fast.small_linear(x, w3)], dim=-1))

@@ -10,6 +10,8 @@
 // adds do not wait on each other). bf16 is widened without shuffles: a 32-bit lane holding two
 // bf16 values gives the even one by a 16-bit left shift and the odd one by masking its low half,
 // so x is laid out even/odd per chunk to match. fp16 uses F16C's vcvtph2ps; fp32 is loaded as is.
+// On CPUs with AVX512_BF16, bf16 weights times bf16 x take `vdpbf16ps` instead (a function compiled
+// for that target, chosen at run time): 8 rows ~2x faster, one row level (memory-bound).
 //
 // decode_attention: one query per row over the cached keys and values; the query heads that share
 // a kv head read its keys and values once, widened the same way; softmax in fp32. An int8 cache
@@ -125,6 +127,52 @@ void rows_kernel(const float* x, const T* w, float* y, int64_t ldy, int64_t K, i
   }
 }
 
+// bf16 weights times bf16 x on CPUs with AVX512_BF16 (Zen 4, Sapphire Rapids; checked at run time,
+// the rest of this file stays AVX2): `vdpbf16ps` multiplies 32 bf16 pairs exactly and adds them
+// into 16 fp32 lanes, so neither the weights nor x are widened, and x is read in bf16, in natural
+// order. Only where x is bf16 already (a bf16 model's activations): the products are then those
+// of the widened path. Accumulators as in rows_kernel (more of them: 32 vector registers).
+// Against the widened path over bench-125m's linears (A/B in one process, Zen 4, 2 threads, from
+// memory): 8 rows 1.96x (16.4 -> 8.4 ms a step, 190 GFLOP/s), 4 rows 1.09x, one row 1.02x.
+bool has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void rows_kernel_bf16_dot(const uint16_t* x, const uint16_t* w, float* y, int64_t ldy, int64_t K, int64_t count) {
+  constexpr int A = M == 1 ? 4 : 2;
+  constexpr int64_t kPrefetch = M > 1 ? 4096 : 1024;  // bytes ahead, as rows_kernel's
+  for (int64_t n = 0; n < count; ++n) {
+    const uint16_t* row = w + n * K;
+    __m512 acc[M][A];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < A; ++j) acc[m][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 * A <= K; k += 32 * A) {
+      for (int j = 0; j < A; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + k + 32 * j) + kPrefetch, _MM_HINT_T1);
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + k + 32 * j);
+        for (int m = 0; m < M; ++m)
+          acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * j));
+      }
+    }
+    for (; k < K; k += 32) {  // K is a multiple of 16
+      const __mmask32 mask = K - k >= 32 ? __mmask32(0xFFFFFFFF) : __mmask32(0xFFFF);
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, row + k);
+      for (int m = 0; m < M; ++m)
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k));
+    }
+    for (int m = 0; m < M; ++m) {
+      __m512 sum = acc[m][0];
+      for (int j = 1; j < A; ++j) sum = _mm512_add_ps(sum, acc[m][j]);
+      y[m * ldy + n] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
 // The weights (each K wide) stacked: weight i gives y's columns [starts[i], starts[i + 1]).
 template <typename T>
 struct Stack {
@@ -136,12 +184,18 @@ struct Stack {
   }
 };
 
-template <typename T, int M>
-void pass(const float* x, const Stack<T>& stack, float* y, int64_t ldy, int64_t K) {
+// x: arranged fp32 (rows_kernel), or bf16 bits in natural order (rows_kernel_bf16_dot: bf16 weights).
+template <typename T, int M, typename X>
+void pass(const X* x, const Stack<T>& stack, float* y, int64_t ldy, int64_t K) {
   const auto rows = [&](int64_t n0, int64_t n1) {
     for (size_t i = 0; i < stack.weights.size(); ++i) {
       const int64_t lo = std::max(n0, stack.starts[i]), hi = std::min(n1, stack.starts[i + 1]);
-      if (lo < hi) rows_kernel<T, M>(x, stack.weights[i] + (lo - stack.starts[i]) * K, y + lo, ldy, K, hi - lo);
+      if (lo >= hi) continue;
+      const T* w = stack.weights[i] + (lo - stack.starts[i]) * K;
+      if constexpr (std::is_same_v<X, uint16_t>)
+        rows_kernel_bf16_dot<M>(x, reinterpret_cast<const uint16_t*>(w), y + lo, ldy, K, hi - lo);
+      else
+        rows_kernel<T, M>(x, w, y + lo, ldy, K, hi - lo);
     }
   };
   const int64_t N = stack.starts.back();
@@ -172,21 +226,21 @@ void pass(const float* x, const Stack<T>& stack, float* y, int64_t ldy, int64_t 
   at::parallel_for(0, N, std::max<int64_t>(1, (int64_t(1) << 15) / K), rows);
 }
 
-template <typename T>
-void run(const float* x, const Stack<T>& stack, float* y, int64_t rows, int64_t K) {
+template <typename T, typename X>
+void run(const X* x, const Stack<T>& stack, float* y, int64_t rows, int64_t K) {
   const int64_t N = stack.starts.back();
   for (int64_t r = 0; r < rows; r += kMaxRows) {
-    const float* xr = x + r * K;
+    const X* xr = x + r * K;
     float* yr = y + r * N;
     switch (std::min<int64_t>(kMaxRows, rows - r)) {
-      case 1: pass<T, 1>(xr, stack, yr, N, K); break;
-      case 2: pass<T, 2>(xr, stack, yr, N, K); break;
-      case 3: pass<T, 3>(xr, stack, yr, N, K); break;
-      case 4: pass<T, 4>(xr, stack, yr, N, K); break;
-      case 5: pass<T, 5>(xr, stack, yr, N, K); break;
-      case 6: pass<T, 6>(xr, stack, yr, N, K); break;
-      case 7: pass<T, 7>(xr, stack, yr, N, K); break;
-      default: pass<T, 8>(xr, stack, yr, N, K); break;
+      case 1: pass<T, 1, X>(xr, stack, yr, N, K); break;
+      case 2: pass<T, 2, X>(xr, stack, yr, N, K); break;
+      case 3: pass<T, 3, X>(xr, stack, yr, N, K); break;
+      case 4: pass<T, 4, X>(xr, stack, yr, N, K); break;
+      case 5: pass<T, 5, X>(xr, stack, yr, N, K); break;
+      case 6: pass<T, 6, X>(xr, stack, yr, N, K); break;
+      case 7: pass<T, 7, X>(xr, stack, yr, N, K); break;
+      default: pass<T, 8, X>(xr, stack, yr, N, K); break;
     }
   }
 }
@@ -221,8 +275,18 @@ void small_linear_typed(const at::Tensor& x, at::TensorList ws, at::Tensor& out,
   const bool fp32_out = out.scalar_type() == at::kFloat;
   float* yp = fp32_out ? out.mutable_data_ptr<float>() : scratch(y_buffer, rows * N);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "small_linear", [&] {
-    arrange_x(x.const_data_ptr<scalar_t>(), xp, rows, K, Widen<T>::kEvenOdd);
-    run(xp, stack, yp, rows, K);
+    const auto arranged = [&] {
+      arrange_x(x.const_data_ptr<scalar_t>(), xp, rows, K, Widen<T>::kEvenOdd);
+      run(xp, stack, yp, rows, K);
+    };
+    if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<scalar_t, at::BFloat16>) {
+      if (has_avx512_bf16())
+        run(reinterpret_cast<const uint16_t*>(x.const_data_ptr<scalar_t>()), stack, yp, rows, K);
+      else
+        arranged();
+    } else {
+      arranged();
+    }
     if (!fp32_out) {  // round to x's dtype, as F.linear's output is
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       for (int64_t i = 0; i < rows * N; ++i) op[i] = static_cast<scalar_t>(yp[i]);
@@ -726,19 +790,6 @@ void rms_norm(const float* x, const W* weight, int64_t n, float eps, float* out)
           [&](int64_t i) { return static_cast<float>(weight[i]) * rnd<W>(x[i] * r); });
 }
 
-// x (n values) through the weights side by side (`small_linear`'s kernel), rounded to W.
-template <typename W>
-void linear(const float* x, std::initializer_list<const at::Tensor*> ws, int64_t n, float* y) {
-  static thread_local std::vector<float> x_buffer;
-  Stack<W> stack;
-  for (const at::Tensor* w : ws) stack.add(*w);
-  float* xa = scratch(x_buffer, n);
-  arrange_x(x, xa, 1, n, Widen<W>::kEvenOdd);
-  run(xa, stack, y, 1, n);
-  if constexpr (!std::is_same_v<W, float>)  // fp32: already what F.linear gives
-    each<W>(stack.starts.back(), y, [&](int64_t i) { return _mm256_loadu_ps(y + i); }, [&](int64_t i) { return y[i]; });
-}
-
 // n floats already rounded to W (`rnd`), stored as W: exact, 8 at a time.
 template <typename W>
 void to_dtype(const float* x, W* out, int64_t n) {
@@ -754,6 +805,29 @@ void to_dtype(const float* x, W* out, int64_t n) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
   }
   for (; i < n; ++i) out[i] = static_cast<W>(x[i]);
+}
+
+// x (n values) through the weights side by side (`small_linear`'s kernel), rounded to W.
+template <typename W>
+void linear(const float* x, std::initializer_list<const at::Tensor*> ws, int64_t n, float* y) {
+  static thread_local std::vector<float> x_buffer;
+  Stack<W> stack;
+  for (const at::Tensor* w : ws) stack.add(*w);
+  float* xa = scratch(x_buffer, n);
+  bool dot = false;
+  if constexpr (std::is_same_v<W, at::BFloat16>) {
+    if ((dot = has_avx512_bf16())) {  // x holds bf16 values: stored as bf16, exactly
+      at::BFloat16* xb = reinterpret_cast<at::BFloat16*>(xa);
+      to_dtype(x, xb, n);
+      run(reinterpret_cast<const uint16_t*>(xb), stack, y, 1, n);
+    }
+  }
+  if (!dot) {
+    arrange_x(x, xa, 1, n, Widen<W>::kEvenOdd);
+    run(xa, stack, y, 1, n);
+  }
+  if constexpr (!std::is_same_v<W, float>)  // fp32: already what F.linear gives
+    each<W>(stack.starts.back(), y, [&](int64_t i) { return _mm256_loadu_ps(y + i); }, [&](int64_t i) { return y[i]; });
 }
 
 // x += y, rounded to W (a residual add).
