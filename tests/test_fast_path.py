@@ -370,7 +370,7 @@ def test_small_linear_refuses_what_it_cannot_multiply():
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
-                    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
+                    or torch.backends.cpu.get_cpu_capability() not in fast.KERNEL_CPUS
                     or shutil.which(os.environ.get("CXX", "c++")) is None
                     or os.environ.get("MISTRAL_TORCH_CPP_KERNELS", "1") == "0",
                     reason="the C++ kernels are for x86 AVX2/AVX-512 CPUs with a C++ compiler (and not switched off)")

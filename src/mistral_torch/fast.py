@@ -346,6 +346,11 @@ _CSRC = Path(__file__).parent / "csrc" / "decode_kernels.cpp"
 _kernels_loaded = False
 
 
+# torch's CPU capabilities the C++ kernels run on: AVX2 code, on AVX-512 CPUs too, where the fused
+# step was measured faster than inductor's path (README, Speed)
+KERNEL_CPUS = ("AVX2", "AVX512")
+
+
 def avx512() -> bool:
     """Whether torch runs this CPU's AVX-512 kernels (oneDNN's packed weights pay for prefill there)."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -360,9 +365,9 @@ def cpp_kernels() -> bool:
     global _kernels_loaded
     if os.environ.get("MISTRAL_TORCH_CPP_KERNELS", "1") == "0":
         return False
-    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in (
-            "AVX2", "AVX512"):
-        return False  # AVX2 code; on AVX-512 CPUs too, where the fused step was measured faster (README)
+    cpu = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64") or cpu not in KERNEL_CPUS:
+        return False
     try:
         from torch.utils import cpp_extension
 

@@ -257,6 +257,18 @@ void arrange_x(const X* x, float* out, int64_t rows, int64_t K, bool even_odd) {
       out[i + j] = static_cast<float>(x[i + natural(j, even_odd)]);
 }
 
+// y = rows of x (K each, any float dtype) through the stacked weights, in fp32. bf16 x with bf16
+// weights goes to rows_kernel_bf16_dot where the CPU has AVX512_BF16; otherwise x is arranged into
+// `arranged` (rows * K floats) for rows_kernel.
+template <typename T, typename X>
+void multiply(const X* x, const Stack<T>& stack, float* y, int64_t rows, int64_t K, float* arranged) {
+  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<X, at::BFloat16>) {
+    if (has_avx512_bf16()) return run(reinterpret_cast<const uint16_t*>(x), stack, y, rows, K);
+  }
+  arrange_x(x, arranged, rows, K, Widen<T>::kEvenOdd);
+  run(arranged, stack, y, rows, K);
+}
+
 // A calling thread's scratch of at least n elements, kept between calls: a decode step calls the
 // kernels ~60 times, and a tensor allocated per call costs about a microsecond.
 template <typename E>
@@ -275,18 +287,7 @@ void small_linear_typed(const at::Tensor& x, at::TensorList ws, at::Tensor& out,
   const bool fp32_out = out.scalar_type() == at::kFloat;
   float* yp = fp32_out ? out.mutable_data_ptr<float>() : scratch(y_buffer, rows * N);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "small_linear", [&] {
-    const auto arranged = [&] {
-      arrange_x(x.const_data_ptr<scalar_t>(), xp, rows, K, Widen<T>::kEvenOdd);
-      run(xp, stack, yp, rows, K);
-    };
-    if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<scalar_t, at::BFloat16>) {
-      if (has_avx512_bf16())
-        run(reinterpret_cast<const uint16_t*>(x.const_data_ptr<scalar_t>()), stack, yp, rows, K);
-      else
-        arranged();
-    } else {
-      arranged();
-    }
+    multiply(x.const_data_ptr<scalar_t>(), stack, yp, rows, K, xp);
     if (!fp32_out) {  // round to x's dtype, as F.linear's output is
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       for (int64_t i = 0; i < rows * N; ++i) op[i] = static_cast<scalar_t>(yp[i]);
@@ -814,17 +815,12 @@ void linear(const float* x, std::initializer_list<const at::Tensor*> ws, int64_t
   Stack<W> stack;
   for (const at::Tensor* w : ws) stack.add(*w);
   float* xa = scratch(x_buffer, n);
-  bool dot = false;
-  if constexpr (std::is_same_v<W, at::BFloat16>) {
-    if ((dot = has_avx512_bf16())) {  // x holds bf16 values: stored as bf16, exactly
-      at::BFloat16* xb = reinterpret_cast<at::BFloat16*>(xa);
-      to_dtype(x, xb, n);
-      run(reinterpret_cast<const uint16_t*>(xb), stack, y, 1, n);
-    }
-  }
-  if (!dot) {
-    arrange_x(x, xa, 1, n, Widen<W>::kEvenOdd);
-    run(xa, stack, y, 1, n);
+  if (std::is_same_v<W, at::BFloat16> && has_avx512_bf16()) {  // x holds bf16 values: as bf16 (exact), for
+    at::BFloat16* xb = reinterpret_cast<at::BFloat16*>(xa);    // multiply's dot path, which arranges nothing
+    to_dtype(x, xb, n);
+    multiply(xb, stack, y, 1, n, xa);
+  } else {
+    multiply(x, stack, y, 1, n, xa);
   }
   if constexpr (!std::is_same_v<W, float>)  // fp32: already what F.linear gives
     each<W>(stack.starts.back(), y, [&](int64_t i) { return _mm256_loadu_ps(y + i); }, [&](int64_t i) { return y[i]; });
