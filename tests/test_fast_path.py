@@ -310,12 +310,13 @@ ULP = {torch.float32: 2.0 ** -20, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 11])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 11])
 @pytest.mark.parametrize("features", [96, 208])
 def test_small_linear_equals_fp32_matmul(dtype, rows, features):
-    """Every row count (in passes of up to 8 rows), odd output sizes, 3-D inputs, features not a
-    multiple of 32 (208: the AVX512-BF16 path's masked tail, on CPUs that have it); fp32
-    accumulation, rounded once to x's dtype: within one unit of that dtype of the fp32 product."""
+    """Every row count (in passes of up to 8 rows; on AVX512-BF16 CPUs bf16 passes of 2-8 rows take
+    16 / rows weight rows at a time, with weight rows left over: 37 and 5 outputs), odd output
+    sizes, 3-D inputs, features not a multiple of 32 (208: the AVX512-BF16 path's masked tail, on
+    CPUs that have it); fp32 accumulation, rounded once to x's dtype: within one unit of that dtype of the fp32 product."""
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(37, features, generator=g).to(dtype)
     x = torch.randn(1, rows, features, generator=g).to(dtype)
