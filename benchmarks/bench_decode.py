@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from mistral_torch import ModelArgs, Transformer  # noqa: E402
+from mistral_torch.fast import SMALL_MAX_ROWS  # noqa: E402
 
 GGUF_FOR = {"fp32": ["f32"], "bf16": ["f16", "q8_0"], "fp16": ["f16", "q8_0"]}
 
@@ -147,16 +148,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fast = None if args.no_compile else common.twin(model)
         inductor = common.twin(model) if args.inductor_only and not args.no_compile else None
         aot = common.twin(model) if dev == "cpu" and 1 in prompts and not (args.no_compile or args.no_aot) else None
+        graph = None  # batches that the fused step takes: also torch.compile's step, for comparison
+        if fast is not None and dev == "cpu" and any(1 < b <= SMALL_MAX_ROWS for b in prompts):
+            graph = common.twin(model)
         for b, prompt in prompts.items():
             contenders[f"mistral-torch eager b{b}"] = lambda p=prompt: ours(model, p, args.new, None)
             meta[f"mistral-torch eager b{b}"] = dict(impl="mistral-torch", mode="eager", batch=b)
             if not args.no_compile:
                 fn, warm = compile_step(fast, args, prompt)
-                mode = "fused" if b == 1 and fast._fused_step is not None else "compiled"
+                mode = "fused" if b <= SMALL_MAX_ROWS and fast._fused_step is not None else "compiled"
                 contenders[f"mistral-torch {mode} b{b}"] = lambda p=prompt, fn=fn: ours(fast, p, args.new, fn)
                 meta[f"mistral-torch {mode} b{b}"] = dict(impl="mistral-torch", mode=mode, batch=b,
                                                           compile_warmup_s=warm)
                 print(f"  {dtype} b{b} {mode} warm-up {warm:.1f} s", file=sys.stderr, flush=True)
+            if graph is not None and mode == "fused" and b > 1:
+                name = f"mistral-torch compiled b{b}"
+                fn, warm = compile_step(graph, args, prompt, fused=False)
+                contenders[name] = lambda p=prompt, fn=fn: ours(graph, p, args.new, fn)
+                meta[name] = dict(impl="mistral-torch", mode="compiled", batch=b, compile_warmup_s=warm)
+                print(f"  {dtype} b{b} compiled warm-up {warm:.1f} s", file=sys.stderr, flush=True)
             if aot is not None and b == 1:
                 name = "mistral-torch compiled AOT b1"
                 fn, warm = compile_step(aot, args, prompt, aot=True, fused=False)
@@ -213,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(row)
         for llm in llms:
             llm.close()
-        del llms, hf, model, fast, inductor
+        del llms, hf, model, fast, inductor, graph
         gc.collect()
     if args.memory and dev == "cpu":
         names = [r["name"] + "|" + r["dtype"] for r in rows if r["batch"] == 1]

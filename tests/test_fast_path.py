@@ -658,7 +658,7 @@ def test_inductor_compiled_decode_reads_an_int8_cache(dtype):
     exact, _ = decode(model, tokens, 4)  # an fp32 cache
     model.kv_cache_dtype = torch.int8
     want, _ = decode(model, tokens, 4)
-    model.compile_decode()
+    model.compile_decode(fused=False)  # the compiled step (batches would run fused)
     decode(model, tokens[:, :8], 4)  # compile
     counters.clear()
     with profile() as prof:
@@ -678,13 +678,15 @@ def test_inductor_compiled_decode_reads_an_int8_cache(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kv", [None, torch.int8])
 @pytest.mark.parametrize("window", [8, None])
-def test_fused_decode_step_equals_the_plain_path(dtype, kv, window):
-    """compile_decode()'s batch-1 steps go through `decode_step`, one C++ call, with nothing compiled,
-    every step of 43 (far past a window of 8): the plain path's logits (fp32: within 1e-5 of the
-    largest logit; over an int8 cache, within a tenth of what the int8 cache itself changes, as for
-    the compiled step; bf16/fp16: close, the same token where one clearly leads) and the same cache
-    afterwards (slot positions, keys, values). Weights from the test's own generator, so that the
-    result does not depend on which tests ran before."""
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fused_decode_step_equals_the_plain_path(dtype, kv, window, rows):
+    """compile_decode()'s steps of up to 8 rows go through `decode_step`, one C++ call, with nothing
+    compiled, every step of 43 (far past a window of 8), also for a ragged batch (rows 2 and 3 padded
+    on the left by 2 and 3, so each row is at its own position): the plain path's logits (fp32:
+    within 1e-5 of the largest logit; over an int8 cache, within a tenth of what the int8 cache
+    itself changes, as for the compiled step; bf16/fp16: close, the same token where one clearly
+    leads) and the same cache afterwards (slot positions, keys, values). Weights from the test's own
+    generator, so that the result does not depend on which tests ran before."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -694,17 +696,18 @@ def test_fused_decode_step_equals_the_plain_path(dtype, kv, window):
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    tokens = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(52))
-    exact, _ = decode(model, tokens, 5)
+    tokens = torch.randint(0, 512, (rows, 48), generator=torch.Generator().manual_seed(52))
+    positions = torch.stack([torch.arange(48) - pad for pad in (0, 2, 3)[:rows]]).clamp(min=-1)
+    exact, _ = decode(model, tokens, 5, positions)
     model.kv_cache_dtype = kv
-    want, want_cache = decode(model, tokens, 5)
+    want, want_cache = decode(model, tokens, 5, positions)
     model.compile_decode()
     counters.clear()
-    got, cache = decode(model, tokens, 5)
+    got, cache = decode(model, tokens, 5, positions)
     assert model._fused_step.steps == 43
     assert counters["stats"]["unique_graphs"] == 0  # nothing was compiled
     assert torch.equal(cache.slot_pos, want_cache.slot_pos) and torch.equal(cache.next_pos, want_cache.next_pos)
-    assert cache.length == want_cache.length == 48
+    assert cache.next_pos.tolist() == [48, 46, 45][:rows] and cache.length == want_cache.length == 48
     if dtype == torch.float32 and kv is None:  # logits up to ~10 here: TOL relative to the largest
         assert (got - want).abs().max() <= TOL * want.abs().max()
         assert all((a - b).abs().max() <= TOL for a, b in zip(cache.buffers(), want_cache.buffers()))
@@ -721,22 +724,24 @@ def test_fused_decode_step_equals_the_plain_path(dtype, kv, window):
 @needs_kernels
 def test_fused_decode_step_takes_only_what_it_can_run():
     """The fused step reads the model's parameters in place (a load_state_dict is seen) and tied
-    embeddings; LoRA-wrapped or quantized linears, batches and explicit positions go to the
-    compiled step, with the plain path's logits."""
+    embeddings; LoRA-wrapped or quantized linears, batches of more than 8 rows and explicit
+    positions go to the compiled step, with the plain path's logits."""
     from mistral_torch.lora import apply_lora
     from mistral_torch.quantize import quantize_model
 
-    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(53))
+    tokens = torch.randint(0, 512, (9, 20), generator=torch.Generator().manual_seed(53))
     model = tiny_model(seed=54, sliding_window=8).compile_decode()
     other = tiny_model(seed=55, sliding_window=8)
     model.load_state_dict(other.state_dict())
     assert (decode(model, tokens[:1], 6)[0] - decode(other, tokens[:1], 6)[0]).abs().max() <= TOL
     assert model._fused_step.steps == 14
-    decode(model, tokens, 6)  # a batch of 2: the compiled step
+    decode(model, tokens[:8], 6)  # a batch of 8: fused
+    assert model._fused_step.steps == 28
+    assert (decode(model, tokens, 6)[0] - decode(other, tokens, 6)[0]).abs().max() <= TOL  # 9: compiled
     with torch.inference_mode():  # explicit positions: the compiled step
         _, cache = model(tokens[:1, :6])
         model(tokens[:1, 6:7], cache=cache, positions=torch.tensor([[6]]))
-    assert model._fused_step.steps == 14
+    assert model._fused_step.steps == 28
 
     tied = tiny_model(seed=56, sliding_window=8, tie_embeddings=True)
     want = decode(tied, tokens[:1], 6)[0]

@@ -272,6 +272,16 @@ class RollingKVCache:
         self.next_pos = step.q_pos.max(dim=1).values.clamp(min=-1) + 1
         self.length = new_length
 
+    def commit_next_tokens(self, new_length: int, last: int | None = None) -> None:
+        """`commit` for one token of each row at its next position (`last`: a batch-1 cache's, known)."""
+        if self.batch_size == 1 and last is not None:
+            self.commit_token(last, new_length)
+            return
+        rows = torch.arange(self.batch_size, device=self.slot_pos.device)
+        self.slot_pos[rows, self.next_pos % self.capacity] = self.next_pos
+        self.next_pos = self.next_pos + 1
+        self.length = new_length
+
     def commit_token(self, pos: int, new_length: int) -> None:
         """`commit` for one token of a batch-1 cache at position `pos`, slot `pos % capacity`."""
         self.slot_pos[0, pos % self.capacity] = pos

@@ -1,6 +1,6 @@
-"""The batch-1 decode step as one C++ call: `Transformer.compile_decode()` on x86 AVX2/AVX-512 CPUs.
+"""The decode step as one C++ call: `Transformer.compile_decode()` on x86 AVX2/AVX-512 CPUs.
 
-A decode step of one sequence is ~60 small kernels (per layer: norm, q/k/v, RoPE and the cache
+A decode step is ~60 small kernels (per layer: norm, q/k/v, RoPE and the cache
 write, attention, o, norm, gate/up, SwiGLU, down). Run from a compiled graph, every call pays for
 dispatch, allocation and code and metadata that the weight stream has pushed out of the CPU
 caches: ~15 % of a bf16 step at bench-125m (README, Speed). `decode_step` in
@@ -11,7 +11,9 @@ so there is no warm-up beyond building the kernels once per machine.
 
 It takes plain models only: `nn.Linear` weights of the model's dtype (not LoRA-wrapped or
 quantized linears), the model's `RMSNorm`s, fp32/bf16/fp16, a cache of the model's dtype or int8,
-one sequence continuing at its next position. Every other step goes to the compiled step as before.
+up to `fast.SMALL_MAX_ROWS` sequences, each continuing at its own next position (ragged batches
+included); the linears take the rows together, reading each weight once. Every other step goes to
+the compiled step.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class FusedDecoder:
 
     @staticmethod
     def fits(model: "Transformer") -> bool:
-        """Whether `decode_step` can run this model's batch-1 steps."""
+        """Whether `decode_step` can run this model's steps (of up to `fast.SMALL_MAX_ROWS` rows)."""
         from .model import RMSNorm
 
         a, dtype = model.args, model.dtype
@@ -64,12 +66,12 @@ class FusedDecoder:
                 and all(type(m) is RMSNorm and m.eps == a.norm_eps and m.weight.dtype == dtype
                         and m.weight.is_contiguous() for m in norms))
 
-    def __call__(self, tokens: torch.Tensor, cache: RollingKVCache, pos: int) -> torch.Tensor:
-        """The logits (1, 1, V) of one sequence's token (1, 1) at `pos`, its cache's next position
-        (buffers grown for it); the cache is written at `pos`'s slot (`commit_token` records it)."""
+    def __call__(self, tokens: torch.Tensor, cache: RollingKVCache) -> torch.Tensor:
+        """The logits (B, 1, V) of each row's token (B, 1) at its cache's next position (buffers grown
+        for it); the cache is written at each row's slot (`commit_next_tokens` records it)."""
         m = self.model
         self.steps += 1
         return self.op(
-            int(tokens.item()), pos, pos % cache.capacity, cache.slot_pos, m.args.sliding_window or 0,
+            tokens.long().contiguous(), cache.next_pos, cache.slot_pos, m.args.sliding_window or 0,
             m.model.embed_tokens.weight, self.layers, m.model.norm.weight, m.lm_head.weight, self.inv_freq,
             cache.k, cache.v, cache.k_scale, cache.v_scale, m.args.n_heads, m.args.norm_eps)

@@ -178,7 +178,7 @@ class Transformer(nn.Module):
         self.kv_cache_dtype: torch.dtype | None = None  # new caches' buffers: None = the model's dtype, or torch.int8
         self._decode_step = None  # a compiled `_run` for one-token steps (see `compile_decode`)
         self._aot_step: AotDecoder | None = None  # the batch-1 step compiled ahead of time (aot=True)
-        self._fused_step: FusedDecoder | None = None  # the batch-1 step as one C++ call (fused.py)
+        self._fused_step: FusedDecoder | None = None  # steps of up to 8 rows as one C++ call (fused.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -297,8 +297,8 @@ class Transformer(nn.Module):
         length, so one compilation serves every position); with `mode="reduce-overhead"` (CUDA
         graphs) the buffers start at full capacity, so every step has the same shapes. The first
         step compiles: 20-35 s on a CPU, again for batch 1 vs larger batches; inductor's on-disk
-        caches make that ~5 s in later processes. (Batch-1 steps of plain models on x86 AVX2 and
-        AVX-512 CPUs skip it: `fused` below.)
+        caches make that ~5 s in later processes. (Steps of up to 8 rows of plain models on x86
+        AVX2 and AVX-512 CPUs skip it: `fused` below.)
 
         On CPU the linears become `fast.PackedLinear`s (same parameters and state-dict keys). On an
         x86 CPU with AVX2 or AVX-512 `kernels` (default: wherever they build) adds two small C++
@@ -315,10 +315,11 @@ class Transformer(nn.Module):
         Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
 
-        `fused` (default; with the C++ kernels, no mode): batch-1 steps of plain models (no LoRA or
-        quantized linears) run as one C++ call (`fused.py`) that nothing compiles, so they start
-        at once; the compiled step (torch.compile, or with `aot=True` the same graph compiled ahead
-        of time by AOTInductor, `aot.py`, its package cached on disk) runs every other step.
+        `fused` (default; with the C++ kernels, no mode): steps of plain models (no LoRA or
+        quantized linears) of up to 8 rows, each continuing at its next position, run as one C++
+        call (`fused.py`) that nothing compiles, so they start at once; the compiled step
+        (torch.compile, or for batch 1 with `aot=True` the same graph compiled ahead of time by
+        AOTInductor, `aot.py`, its package cached on disk) runs every other step.
         """
         self._compile_args = (mode, options, backend, pack, kernels, aot, fused)
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
@@ -356,10 +357,14 @@ class Transformer(nn.Module):
         self._compiled_for, self._checked_at, self._dynamic_buffers = self._structure(), None, None
         return self
 
-    def warm_up_decode(self, batch_sizes: tuple[int, ...] = (1, 2, 3)) -> "Transformer":
+    def warm_up_decode(self, batch_sizes: tuple[int, ...] | None = None) -> "Transformer":
         """Run the compiled step at every shape class a server meets, so that no request waits for
-        the compiler: batch 1, and batches of 2+ (the second size makes the graph dynamic in the
-        batch). Every cache length shares one graph (see `_decode`)."""
+        the compiler: batch 1, and two larger batches (the second size makes the graph dynamic in
+        the batch); where the fused step takes batches of up to 8 rows, the two are of 9 and 10.
+        Every cache length shares one graph (see `_decode`)."""
+        if batch_sizes is None:
+            first = fast.SMALL_MAX_ROWS + 1 if self._fused_step is not None else 2
+            batch_sizes = (1, first, first + 1)
         with torch.inference_mode():
             for b in batch_sizes:
                 _, cache = self(torch.ones(b, 2, dtype=torch.long, device=self.device))
@@ -378,6 +383,7 @@ class Transformer(nn.Module):
             if self._structure() != self._compiled_for:  # here: modules swapped or cast since compiling
                 self.compile_decode(*self._compile_args)
         next_token = positions is None and cache.batch_size == 1  # the usual step: planned on the host
+        fused = positions is None and self._fused_step is not None and cache.batch_size <= fast.SMALL_MAX_ROWS
         if positions is None and not next_token:
             positions = cache.next_pos[:, None]
         last = int(cache.next_pos.item()) if next_token else int(positions.max())
@@ -388,9 +394,9 @@ class Transformer(nn.Module):
         # (reduce-overhead) need fixed shapes: there the buffers start at full capacity.
         static = self._compile_args[0] == "reduce-overhead"
         cache.reserve(cache.capacity if static else new_length)
-        if next_token and self._fused_step is not None:  # one C++ call (fused.py)
-            logits = self._fused_step(tokens, cache, last)
-            cache.commit_token(last, new_length)
+        if fused:  # one C++ call (fused.py)
+            logits = self._fused_step(tokens, cache)
+            cache.commit_next_tokens(new_length, last)
             return logits
         step = cache.plan_next_token(last) if next_token else cache.plan(positions, max(new_length, cache.allocated))
         positions = step.q_pos

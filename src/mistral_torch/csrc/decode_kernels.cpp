@@ -795,12 +795,13 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   return out;
 }
 
-// ---------------------------------------------------------------- the whole batch-1 decode step
-// decode_step: one token of one sequence through every layer and the LM head in a single call,
-// op for op what model.py computes (the comments name its lines), rounded to the model's dtype W
-// where its ops round: the ~60 kernel calls of a step with no dispatch, allocation or framework
-// code between them. Activations live in fp32 scratch holding W-rounded values; the cache (W or
-// int8, `cache.quantize_int8`) is written at `slot` and read as `RollingKVCache` lays it out.
+// ---------------------------------------------------------------- the whole decode step
+// decode_step: one token of each of B sequences through every layer and the LM head in a single
+// call, op for op what model.py computes (the comments name its lines), rounded to the model's
+// dtype W where its ops round: the ~60 kernel calls of a step with no dispatch, allocation or
+// framework code between them. Activations live in fp32 scratch holding W-rounded values, a row
+// per sequence; the cache (W or int8, `cache.quantize_int8`) is written at each row's slot and read
+// as `RollingKVCache` lays it out.
 
 template <typename W> inline float rnd(float x) { return static_cast<float>(static_cast<W>(x)); }
 
@@ -855,22 +856,32 @@ void to_dtype(const float* x, W* out, int64_t n) {
   for (; i < n; ++i) out[i] = static_cast<W>(x[i]);
 }
 
-// x (n values) through the weights side by side (`small_linear`'s kernel), rounded to W.
+// `rows` rows of x (n values each) through the weights side by side (`small_linear`'s kernel), into
+// y (rows x the weights' outputs), rounded to W.
 template <typename W>
-void linear(const float* x, std::initializer_list<const at::Tensor*> ws, int64_t n, float* y) {
+void linear(const float* x, std::initializer_list<const at::Tensor*> ws, int64_t rows, int64_t n, float* y) {
   static thread_local std::vector<float> x_buffer;
   Stack<W> stack;
   for (const at::Tensor* w : ws) stack.add(*w);
-  float* xa = scratch(x_buffer, n);
+  float* xa = scratch(x_buffer, rows * n);
   if (std::is_same_v<W, at::BFloat16> && has_avx512_bf16()) {  // x holds bf16 values: as bf16 (exact), for
     at::BFloat16* xb = reinterpret_cast<at::BFloat16*>(xa);    // multiply's dot path, which arranges nothing
-    to_dtype(x, xb, n);
-    multiply(xb, stack, y, 1, n, xa);
+    to_dtype(x, xb, rows * n);
+    multiply(xb, stack, y, rows, n, xa);
   } else {
-    multiply(x, stack, y, 1, n, xa);
+    multiply(x, stack, y, rows, n, xa);
   }
   if constexpr (!std::is_same_v<W, float>)  // fp32: already what F.linear gives
-    each<W>(stack.starts.back(), y, [&](int64_t i) { return _mm256_loadu_ps(y + i); }, [&](int64_t i) { return y[i]; });
+    each<W>(rows * stack.starts.back(), y, [&](int64_t i) { return _mm256_loadu_ps(y + i); }, [&](int64_t i) { return y[i]; });
+}
+
+// fn(b) for each of `rows` rows, the rows shared between threads where there are several.
+template <typename F>
+void each_row(int64_t rows, F fn) {
+  if (rows == 1) return fn(0);
+  at::parallel_for(0, rows, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fn(b);
+  });
 }
 
 // x += y, rounded to W (a residual add).
@@ -909,87 +920,100 @@ void store(const float* x, int64_t D, C* dst, float* scale) {
 }
 
 template <typename W, typename C>
-void decode_step_typed(int64_t token, int64_t pos, int64_t slot, const int64_t* slot_pos, int64_t window,
-                       const at::Tensor& embed, at::TensorList layers, const at::Tensor& norm,
+void decode_step_typed(const int64_t* tokens, const int64_t* pos, int64_t B, const int64_t* slot_pos, int64_t capacity,
+                       int64_t window, const at::Tensor& embed, at::TensorList layers, const at::Tensor& norm,
                        const at::Tensor& lm_head, const float* inv_freq, at::TensorList k_cache, at::TensorList v_cache,
                        at::TensorList k_scale, at::TensorList v_scale, int64_t Hq, float eps, W* logits) {
   const int64_t dim = embed.size(1), Hkv = k_cache[0].size(1), S = k_cache[0].size(2), D = k_cache[0].size(3);
   const int64_t G = Hq / Hkv, hidden = layers[6].size(0), V = lm_head.size(0), qkv_n = (Hq + 2 * Hkv) * D;
   static thread_local std::vector<float> xb, hb, qkvb, gub, yb, cs;
   static thread_local std::vector<W> qw, attn, bias;
-  float* x = scratch(xb, dim);                          // the residual stream
-  float* h = scratch(hb, std::max(dim, hidden));        // a norm's output, then the SwiGLU product
-  float* qkv = scratch(qkvb, qkv_n);
-  float* gu = scratch(gub, 2 * hidden);
-  float* y = scratch(yb, std::max(dim, V));
-  float* cos = scratch(cs, 2 * D);
-  float* sin = cos + D;
-  W* q = scratch(qw, Hq * D);
-  W* att = scratch(attn, Hq * D);
-  W* b = scratch(bias, S);
-  const W* e = embed.const_data_ptr<W>() + token * dim;  // x = embed_tokens(tokens)
-  for (int64_t i = 0; i < dim; ++i) x[i] = static_cast<float>(e[i]);
-  for (int64_t i = 0; i < D / 2; ++i) {  // rope_cos_sin: the first half of sin negated
-    const float f = float(pos) * inv_freq[i];
-    cos[i] = cos[i + D / 2] = std::cos(f);
-    sin[i] = -std::sin(f);
-    sin[i + D / 2] = std::sin(f);
+  float* x = scratch(xb, B * dim);                                  // the residual stream, a row each
+  float* h = scratch(hb, B * std::max({dim, hidden, Hq * D}));      // a linear's input rows (n each)
+  float* qkv = scratch(qkvb, B * qkv_n);
+  float* gu = scratch(gub, B * 2 * hidden);
+  float* y = scratch(yb, B * std::max(dim, V));
+  float* cos = scratch(cs, B * 2 * D);  // row b: cos at b * 2D, sin D after it
+  W* q = scratch(qw, B * Hq * D);
+  W* att = scratch(attn, B * Hq * D);
+  W* bias_rows = scratch(bias, B * S);
+  std::vector<int64_t> slots(B), keys(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const W* e = embed.const_data_ptr<W>() + tokens[b] * dim;  // x = embed_tokens(tokens)
+    for (int64_t i = 0; i < dim; ++i) x[b * dim + i] = static_cast<float>(e[i]);
+    float *c = cos + b * 2 * D, *sn = c + D;
+    for (int64_t i = 0; i < D / 2; ++i) {  // rope_cos_sin: the first half of sin negated
+      const float f = float(pos[b]) * inv_freq[i];
+      c[i] = c[i + D / 2] = std::cos(f);
+      sn[i] = -std::sin(f);
+      sn[i + D / 2] = std::sin(f);
+    }
+    slots[b] = pos[b] % capacity;
+    keys[b] = 1;  // slots up to the last one seen (`unmasked_prefix`)
+    for (int64_t s = 0; s < S; ++s) {  // attention_mask + attention_bias over the slots, this token's included
+      const int64_t kp = s == slots[b] ? pos[b] : slot_pos[b * capacity + s];
+      const bool seen = kp >= 0 && kp <= pos[b] && (window <= 0 || kp > pos[b] - window);
+      bias_rows[b * S + s] = static_cast<W>(seen ? 0.0f : -INFINITY);
+      if (seen) keys[b] = s + 1;
+    }
+    keys[b] = round_keys(keys[b], S);
   }
-  int64_t keys = 1;  // slots up to the last one seen (`unmasked_prefix`)
-  for (int64_t s = 0; s < S; ++s) {  // attention_mask + attention_bias over the slots, this token's included
-    const int64_t kp = s == slot ? pos : slot_pos[s];
-    const bool seen = kp >= 0 && kp <= pos && (window <= 0 || kp > pos - window);
-    b[s] = static_cast<W>(seen ? 0.0f : -INFINITY);
-    if (seen) keys = s + 1;
-  }
-  keys = round_keys(keys, S);
   const bool int8 = std::is_same_v<C, int8_t>;
   for (size_t l = 0; l * 9 < layers.size(); ++l) {
     const at::Tensor* w = layers.data() + l * 9;  // input norm, q, k, v, o, post norm, gate, up, down
     // h = x + self_attn(input_layernorm(x))
-    rms_norm<W>(x, w[0].const_data_ptr<W>(), dim, eps, h);
-    linear<W>(h, {&w[1], &w[2], &w[3]}, dim, qkv);
-    rope<W>(qkv, Hq + Hkv, D, cos, sin);  // q and k: heads side by side
-    to_dtype<W>(qkv, q, Hq * D);
+    for (int64_t b = 0; b < B; ++b) rms_norm<W>(x + b * dim, w[0].const_data_ptr<W>(), dim, eps, h + b * dim);
+    linear<W>(h, {&w[1], &w[2], &w[3]}, B, dim, qkv);
     C* kc = k_cache[l].mutable_data_ptr<C>();
     C* vc = v_cache[l].mutable_data_ptr<C>();
     float* ks = int8 ? k_scale[l].mutable_data_ptr<float>() : nullptr;
     float* vs = int8 ? v_scale[l].mutable_data_ptr<float>() : nullptr;
-    for (int64_t kv = 0; kv < Hkv; ++kv) {  // step.stored_keys_values: write first
-      store<W, C>(qkv + (Hq + kv) * D, D, kc + (kv * S + slot) * D, ks ? ks + kv * S + slot : nullptr);
-      store<W, C>(qkv + (Hq + Hkv + kv) * D, D, vc + (kv * S + slot) * D, vs ? vs + kv * S + slot : nullptr);
-    }
-    at::parallel_for(0, Hkv, 1, [&](int64_t h0, int64_t h1) {  // decode_attention
-      for (int64_t kv = h0; kv < h1; ++kv)
-        attend_head<C, W>(int(G), q + kv * G * D, kc + kv * S * D, vc + kv * S * D, D, D, keys, D, b, 1,
-                          ks ? ks + kv * S : nullptr, vs ? vs + kv * S : nullptr, att + kv * G * D);
+    each_row(B, [&](int64_t b) {
+      float* r = qkv + b * qkv_n;
+      rope<W>(r, Hq + Hkv, D, cos + b * 2 * D, cos + b * 2 * D + D);  // q and k: heads side by side
+      to_dtype<W>(r, q + b * Hq * D, Hq * D);
+      for (int64_t kv = 0; kv < Hkv; ++kv) {  // step.stored_keys_values: write first
+        const int64_t at = (b * Hkv + kv) * S + slots[b];
+        store<W, C>(r + (Hq + kv) * D, D, kc + at * D, ks ? ks + at : nullptr);
+        store<W, C>(r + (Hq + Hkv + kv) * D, D, vc + at * D, vs ? vs + at : nullptr);
+      }
     });
-    for (int64_t i = 0; i < Hq * D; ++i) h[i] = static_cast<float>(att[i]);
-    linear<W>(h, {&w[4]}, Hq * D, y);  // o_proj
-    add<W>(x, y, dim);
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {  // decode_attention
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / Hkv, head = t * S;  // (b, kv) is the t-th of the cache's heads
+        attend_head<C, W>(int(G), q + t * G * D, kc + head * D, vc + head * D, D, D, keys[b], D, bias_rows + b * S, 1,
+                          ks ? ks + head : nullptr, vs ? vs + head : nullptr, att + t * G * D);
+      }
+    });
+    for (int64_t i = 0; i < B * Hq * D; ++i) h[i] = static_cast<float>(att[i]);
+    linear<W>(h, {&w[4]}, B, Hq * D, y);  // o_proj
+    add<W>(x, y, B * dim);
     // x = h + mlp(post_attention_layernorm(h)): down(silu(gate) * up)
-    rms_norm<W>(x, w[5].const_data_ptr<W>(), dim, eps, h);
-    linear<W>(h, {&w[6], &w[7]}, dim, gu);
-    const float* up = gu + hidden;
-    each<W>(hidden, h, [&](int64_t i) {
-      const __m256 g = _mm256_loadu_ps(gu + i), one = _mm256_set1_ps(1.0f);
-      const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-      return _mm256_mul_ps(rnd8<W>(silu), _mm256_loadu_ps(up + i));
-    }, [&](int64_t i) { return rnd<W>(gu[i] / (1.0f + std::exp(-gu[i]))) * up[i]; });
-    linear<W>(h, {&w[8]}, hidden, y);
-    add<W>(x, y, dim);
+    for (int64_t b = 0; b < B; ++b) rms_norm<W>(x + b * dim, w[5].const_data_ptr<W>(), dim, eps, h + b * dim);
+    linear<W>(h, {&w[6], &w[7]}, B, dim, gu);
+    each_row(B, [&](int64_t b) {
+      const float *gate = gu + b * 2 * hidden, *up = gate + hidden;
+      each<W>(hidden, h + b * hidden, [&](int64_t i) {
+        const __m256 g = _mm256_loadu_ps(gate + i), one = _mm256_set1_ps(1.0f);
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        return _mm256_mul_ps(rnd8<W>(silu), _mm256_loadu_ps(up + i));
+      }, [&](int64_t i) { return rnd<W>(gate[i] / (1.0f + std::exp(-gate[i]))) * up[i]; });
+    });
+    linear<W>(h, {&w[8]}, B, hidden, y);
+    add<W>(x, y, B * dim);
   }
-  rms_norm<W>(x, norm.const_data_ptr<W>(), dim, eps, h);  // lm_head(norm(x))
-  linear<W>(h, {&lm_head}, dim, y);
-  to_dtype<W>(y, logits, V);
+  for (int64_t b = 0; b < B; ++b) rms_norm<W>(x + b * dim, norm.const_data_ptr<W>(), dim, eps, h + b * dim);  // lm_head(norm(x))
+  linear<W>(h, {&lm_head}, B, dim, y);
+  to_dtype<W>(y, logits, B * V);
 }
 
-// The logits (1, 1, V) of `token` at position `pos`, stored at cache slot `slot` of a batch-1
-// cache whose other slots hold the positions `slot_pos` (1, capacity; -1: empty). `layers`: 9
-// tensors a layer (input_layernorm, q, k, v, o, post_attention_layernorm, gate, up, down weights);
-// k, v: the layers' cache buffers (1, Hkv, S, D), int8 with fp32 scales k_scale, v_scale (1, Hkv, S)
-// or of the model's dtype with no scales; window <= 0: none.
-at::Tensor decode_step(int64_t token, int64_t pos, int64_t slot, const at::Tensor& slot_pos, int64_t window,
+// The logits (B, 1, V) of `tokens` (B, 1) at positions `pos` (B,), each row's token stored at its
+// cache slot pos % capacity, whose other slots hold the positions `slot_pos` (B, capacity; -1:
+// empty). `layers`: 9 tensors a layer (input_layernorm, q, k, v, o, post_attention_layernorm, gate,
+// up, down weights); k, v: the layers' cache buffers (B, Hkv, S, D), int8 with fp32 scales k_scale,
+// v_scale (B, Hkv, S) or of the model's dtype with no scales; window <= 0: none. The linears take
+// the B rows together (in passes of 8), reading each weight once a pass.
+at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& slot_pos, int64_t window,
                        const at::Tensor& embed, at::TensorList layers, const at::Tensor& norm, const at::Tensor& lm_head,
                        const at::Tensor& inv_freq, at::TensorList k, at::TensorList v, at::TensorList k_scale,
                        at::TensorList v_scale, int64_t n_heads, double eps) {
@@ -999,14 +1023,24 @@ at::Tensor decode_step(int64_t token, int64_t pos, int64_t slot, const at::Tenso
   const bool int8 = k[0].scalar_type() == at::kChar;
   TORCH_CHECK(int8 ? k_scale.size() == k.size() && v_scale.size() == k.size() : k_scale.empty() && v_scale.empty(),
               "decode_step: scales go with an int8 cache, and only with it");
-  const int64_t Hkv = k[0].size(1), S = k[0].size(2), D = k[0].size(3), dim = embed.size(1);
+  const int64_t B = k[0].size(0), Hkv = k[0].size(1), S = k[0].size(2), D = k[0].size(3), dim = embed.size(1);
   TORCH_CHECK(n_heads % Hkv == 0 && n_heads / Hkv <= kMaxRows && D % kChunk == 0 && dim % kChunk == 0,
               "decode_step: ", n_heads, " query heads over ", Hkv, " kv heads of ", D, " (head_dim and dim: multiples of ",
               kChunk, ")");
-  TORCH_CHECK(0 <= token && token < embed.size(0) && 0 <= slot && slot < S && slot_pos.numel() >= S &&
-                  slot_pos.scalar_type() == at::kLong && slot_pos.is_contiguous() && inv_freq.numel() == D / 2 &&
-                  inv_freq.scalar_type() == at::kFloat,
-              "decode_step: token, slot, slot positions or RoPE frequencies out of range");
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && slot_pos.scalar_type() == at::kLong &&
+                  tokens.is_contiguous() && pos.is_contiguous() && slot_pos.is_contiguous() && tokens.numel() == B &&
+                  pos.numel() == B && slot_pos.dim() == 2 && slot_pos.size(0) == B && slot_pos.size(1) >= S,
+              "decode_step: int64 tokens (B, 1), positions (B,) and slot positions (B, capacity) expected for the cache's ",
+              B, " rows of ", S, " slots");
+  TORCH_CHECK(inv_freq.numel() == D / 2 && inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous(),
+              "decode_step: ", D / 2, " float32 RoPE frequencies expected");
+  const int64_t* tp = tokens.const_data_ptr<int64_t>();
+  const int64_t* pp = pos.const_data_ptr<int64_t>();
+  const int64_t capacity = slot_pos.size(1);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(0 <= tp[b] && tp[b] < embed.size(0) && 0 <= pp[b] && pp[b] % capacity < S, "decode_step: row ", b,
+                "'s token ", tp[b], " or position ", pp[b], " out of range (vocabulary ", embed.size(0), ", ", S,
+                " slots allocated of ", capacity, ")");
   for (size_t i = 0; i < layers.size(); ++i)
     TORCH_CHECK(layers[i].scalar_type() == dtype && layers[i].is_contiguous() && layers[i].device().is_cpu(),
                 "decode_step: weight ", i, " must be a contiguous CPU tensor of the model's dtype");
@@ -1014,16 +1048,17 @@ at::Tensor decode_step(int64_t token, int64_t pos, int64_t slot, const at::Tenso
     TORCH_CHECK(k[l].is_contiguous() && v[l].is_contiguous() && k[l].sizes() == k[0].sizes() &&
                     v[l].sizes() == k[0].sizes() && k[l].scalar_type() == k[0].scalar_type() &&
                     v[l].scalar_type() == k[0].scalar_type() && (int8 || k[l].scalar_type() == dtype) &&
-                    (!int8 || (k_scale[l].is_contiguous() && v_scale[l].is_contiguous())),
-                "decode_step: cache buffers must be contiguous (1, Hkv, S, D), of the model's dtype or int8");
+                    (!int8 || (k_scale[l].is_contiguous() && v_scale[l].is_contiguous() &&
+                               k_scale[l].sizes() == k[0].sizes().slice(0, 3) && v_scale[l].sizes() == k_scale[l].sizes())),
+                "decode_step: cache buffers must be contiguous (B, Hkv, S, D), of the model's dtype or int8");
   TORCH_CHECK(embed.is_contiguous() && lm_head.is_contiguous() && lm_head.scalar_type() == dtype &&
                   norm.scalar_type() == dtype && lm_head.size(1) == dim,
               "decode_step: embedding, final norm and LM head must be contiguous, of the model's dtype");
-  at::Tensor logits = at::empty({1, 1, lm_head.size(0)}, embed.options());
+  at::Tensor logits = at::empty({B, 1, lm_head.size(0)}, embed.options());
   const auto step_as = [&](auto w_type) {
     using W = decltype(w_type);
     const auto go = [&](auto c_type) {
-      decode_step_typed<W, decltype(c_type)>(token, pos, slot, slot_pos.const_data_ptr<int64_t>(), window, embed,
+      decode_step_typed<W, decltype(c_type)>(tp, pp, B, slot_pos.const_data_ptr<int64_t>(), capacity, window, embed,
                                              layers, norm, lm_head, inv_freq.const_data_ptr<float>(), k, v, k_scale,
                                              v_scale, n_heads, float(eps), logits.mutable_data_ptr<W>());
     };
@@ -1043,7 +1078,7 @@ at::Tensor decode_step(int64_t token, int64_t pos, int64_t slot, const at::Tenso
 TORCH_LIBRARY(mistral_torch_cpu, m) {
   m.def("small_linear(Tensor x, Tensor[] ws) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
-  m.def("decode_step(int token, int pos, int slot, Tensor slot_pos, int window, Tensor embed, Tensor[] layers, "
+  m.def("decode_step(Tensor tokens, Tensor pos, Tensor slot_pos, int window, Tensor embed, Tensor[] layers, "
         "Tensor norm, Tensor lm_head, Tensor inv_freq, Tensor(a!)[] k, Tensor(b!)[] v, Tensor(c!)[] k_scale, "
         "Tensor(d!)[] v_scale, int n_heads, float eps) -> Tensor");
 }
