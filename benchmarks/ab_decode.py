@@ -4,12 +4,14 @@
     python benchmarks/ab_decode.py --dtypes bf16 --rounds 12
 
 Contenders (all `compile_decode()`, C++ kernels on where they build):
-- "default": batch 1 through the fused C++ step (`fused.py`), batches through the compiled step
-  with q/k/v and gate/up in one kernel call each; linear weights on 2 MB huge pages;
+- "default": steps of up to 8 rows through the fused C++ step (`fused.py`), larger batches
+  through the compiled step; linear weights on 2 MB huge pages;
 - "AOT, not fused": batch 1 through the AOTInductor step instead (`compile_decode(aot=True,
-  fused=False)`);
-- "separate projections": every linear its own call (`fast.project` off for that twin; batches
-  only: the fused batch-1 step always multiplies q/k/v and gate/up in one pass);
+  fused=False)`), batches through torch.compile's step;
+- "compiled, not fused": every step through torch.compile's step (`fused=False`), q/k/v and
+  gate/up in one kernel call each;
+- "compiled, separate projections": the same with every linear its own call (`fast.project` off
+  for that twin);
 - "4 KB pages": the weights left where they were allocated (`fast.HUGE_PAGES = False` for that
   twin's compile_decode).
 Greedy steps after a 64-token prompt, `--steps` steps per measurement, the contenders interleaved
@@ -61,12 +63,12 @@ def run(args: argparse.Namespace) -> dict:
     for dtype in args.dtypes:
         base = common.make_model(ModelArgs.from_name(args.preset), common.DTYPES[dtype], "cpu")
         twins = {}
-        for name in ("default", "AOT, not fused", "separate projections", "4 KB pages"):
+        for name in ("default", "AOT, not fused", "compiled, not fused", "compiled, separate projections", "4 KB pages"):
             fast.HUGE_PAGES = name != "4 KB pages"
             aot = name == "AOT, not fused"
-            twins[name] = common.twin(base).compile_decode(aot=aot, fused=not aot)
+            twins[name] = common.twin(base).compile_decode(aot=aot, fused=name in ("default", "4 KB pages"))
             for m in twins[name].modules():
-                m._separate = name == "separate projections"
+                m._separate = name == "compiled, separate projections"
         fast.HUGE_PAGES = True
         for name, model in twins.items():  # compile every shape first (batch 1, then dynamic)
             for b in args.batches:
