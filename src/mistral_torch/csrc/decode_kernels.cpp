@@ -127,13 +127,13 @@ void rows_kernel(const float* x, const T* w, float* y, int64_t ldy, int64_t K, i
   }
 }
 
-// bf16 weights times bf16 x on CPUs with AVX512_BF16 (Zen 4, Sapphire Rapids; checked at run time,
-// the rest of this file stays AVX2): `vdpbf16ps` multiplies 32 bf16 pairs exactly and adds them
-// into 16 fp32 lanes, so neither the weights nor x are widened, and x is read in bf16, in natural
-// order. Only where x is bf16 already (a bf16 model's activations): the products are then those
-// of the widened path. Accumulators as in rows_kernel (more of them: 32 vector registers).
-// Against the widened path over bench-125m's linears (A/B in one process, Zen 4, 2 threads, from
-// memory): 8 rows 1.96x (16.4 -> 8.4 ms a step, 190 GFLOP/s), 4 rows 1.09x, one row 1.02x.
+// On CPUs with AVX512_BF16 (Zen 4, Sapphire Rapids; checked at run time, the rest of this file
+// stays AVX2) rows_kernel_avx512 below takes bf16 weights times bf16 x, and fp32 weights times 2-8
+// fp32 rows. For bf16, `vdpbf16ps` multiplies 32 bf16 pairs exactly and adds them into 16 fp32
+// lanes, so neither the weights nor x are widened, and x is read in bf16, in natural order. Only
+// where x is bf16 already (a bf16 model's activations): the products are then those of the widened
+// path. Against the widened path over bench-125m's linears (A/B in one process, Zen 4, 2 threads,
+// from memory): 8 rows 1.96x (16.4 -> 8.4 ms a step, 190 GFLOP/s), 4 rows 1.09x, one row 1.02x.
 bool has_avx512_bf16() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512bf16");
@@ -154,68 +154,93 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
-// 2-8 rows of x take R = 16 / M weight rows at a time into 16 accumulators, each x vector loaded
-// once for R weight rows (one row at a time: a load per vdpbf16ps, short of this CPU's ~230
-// GFLOP/s a core from L1), summed by sum16; weights prefetched 12 KB ahead of each row (4 KB made
-// this slower than one row at a time: ahead of one row it lands in the next of the same block).
-// Against one weight row at a time (A/B in one process, Zen 4, 2 threads, bench-125m's linears):
-// 8 rows 1.06-1.16x from memory, 1.10-1.13x from L3; 4 rows 1.04-1.08x; 2 rows level.
-template <int M>
-__attribute__((target("avx512f,avx512bw,avx512bf16")))
-void rows_kernel_bf16_dot(const uint16_t* x, const uint16_t* w, float* y, int64_t ldy, int64_t K, int64_t count) {
-  constexpr int R = M == 1 ? 1 : 16 / M;
-  int64_t n = 0;
-  if constexpr (R > 1) {
-    constexpr int64_t kPrefetch = 12 << 10;  // bytes ahead
-    for (; n + R <= count; n += R) {
-      const uint16_t* row = w + n * K;
-      __m512 acc[16];
-      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 32) {
-        const __mmask32 mask = K - k >= 32 ? __mmask32(0xFFFFFFFF) : __mmask32(0xFFFF);  // K: 16s
-        __m512bh wv[R];
-        for (int r = 0; r < R; ++r) {
-          _mm_prefetch(reinterpret_cast<const char*>(row + r * K + k) + kPrefetch, _MM_HINT_T1);
-          wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, row + r * K + k);
-        }
-        for (int m = 0; m < M; ++m) {
-          const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
-          for (int r = 0; r < R; ++r) acc[m * R + r] = _mm512_dpbf16_ps(acc[m * R + r], wv[r], xv);
-        }
-      }
-      alignas(64) float sums[16];
-      _mm512_store_ps(sums, sum16(acc));
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < R; ++r) y[m * ldy + n + r] = sums[m * R + r];
-    }
+// 64 bytes of weights (or x) and what one instruction does with them, for rows_kernel_avx512:
+// bf16 pairs through `vdpbf16ps`, or fp32 through a 512-bit FMA.
+template <typename E> struct Wide;
+template <> struct Wide<uint16_t> {
+  static constexpr int64_t kStep = 32;  // elements per 64 bytes
+  __attribute__((target("avx512f,avx512bw,avx512bf16")))
+  static inline __m512i load(const uint16_t* p, int64_t left) {  // K: a multiple of 16
+    return _mm512_maskz_loadu_epi16(left >= 32 ? __mmask32(0xFFFFFFFF) : __mmask32(0xFFFF), p);
   }
-  // One weight row at a time: one row of x (memory-bound: four accumulators), and the rows left over.
-  constexpr int A = M == 1 ? 4 : 2;
-  constexpr int64_t kPrefetch = M > 1 ? 4096 : 1024;  // bytes ahead, as rows_kernel's
-  for (; n < count; ++n) {
-    const uint16_t* row = w + n * K;
-    __m512 acc[M][A];
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < A; ++j) acc[m][j] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 * A <= K; k += 32 * A) {
-      for (int j = 0; j < A; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + k + 32 * j) + kPrefetch, _MM_HINT_T1);
-        const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + k + 32 * j);
-        for (int m = 0; m < M; ++m)
-          acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * j));
-      }
-    }
-    for (; k < K; k += 32) {  // K is a multiple of 16
-      const __mmask32 mask = K - k >= 32 ? __mmask32(0xFFFFFFFF) : __mmask32(0xFFFF);
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, row + k);
-      for (int m = 0; m < M; ++m)
-        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k));
+  __attribute__((target("avx512f,avx512bw,avx512bf16")))
+  static inline __m512 dot(__m512 acc, __m512i w, __m512i x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
+};
+template <> struct Wide<float> {
+  static constexpr int64_t kStep = 16;
+  __attribute__((target("avx512f,avx512bw,avx512bf16")))
+  static inline __m512i load(const float* p, int64_t) { return _mm512_loadu_si512(p); }  // K: a multiple of 16
+  __attribute__((target("avx512f,avx512bw,avx512bf16")))
+  static inline __m512 dot(__m512 acc, __m512i w, __m512i x) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(w), _mm512_castsi512_ps(x), acc);
+  }
+};
+
+// RR weight rows (K apart, from `row`) times M rows of x into y's columns (M rows, ldy apart): one
+// accumulator per pair of rows, stepping through K 64 bytes at a time, summed by sum16. A row's
+// result does not depend on RR (the same products in the same order, sum16 reading each
+// accumulator alone), so it is the same whichever group a thread's share puts it in.
+template <typename E, int M, int RR>
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline))
+inline void weight_rows(const E* x, const E* row, float* y, int64_t ldy, int64_t K) {
+  static_assert(M * RR <= 16, "16 accumulators");
+  using V = Wide<E>;
+  constexpr int64_t kPrefetch = 12 << 10;  // bytes ahead
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += V::kStep) {
+    __m512i wv[RR];
+    for (int r = 0; r < RR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + r * K + k) + kPrefetch, _MM_HINT_T1);
+      wv[r] = V::load(row + r * K + k, K - k);
     }
     for (int m = 0; m < M; ++m) {
-      __m512 sum = acc[m][0];
-      for (int j = 1; j < A; ++j) sum = _mm512_add_ps(sum, acc[m][j]);
-      y[m * ldy + n] = _mm512_reduce_add_ps(sum);
+      const __m512i xv = V::load(x + m * K + k, K - k);
+      for (int r = 0; r < RR; ++r) acc[m * RR + r] = V::dot(acc[m * RR + r], wv[r], xv);
+    }
+  }
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, sum16(acc));
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < RR; ++r) y[m * ldy + r] = sums[m * RR + r];
+}
+
+// Rows of x (natural order: bf16 with bf16 weights, fp32 with fp32 ones) times `count` weight rows
+// with 512-bit instructions, on CPUs with AVX512_BF16. 2-8 rows of x take 16 / M weight rows at a
+// time (weight_rows), each x vector loaded once for all of them (one weight row at a time: a load
+// per vdpbf16ps, short of this CPU's ~230 GFLOP/s a core from L1); weights prefetched 12 KB ahead
+// of each row (4 KB, tuned for one weight row at a time, lands in the next row of the same block:
+// 0.87-0.91x). A/B against one weight row at a time (in one process, Zen 4, 2 threads, bench-125m's
+// linears, from memory): bf16 8 rows 1.06-1.16x (1.10-1.13x from L3), 4 rows 1.04-1.08x, 2 rows
+// level; fp32 against the AVX2 kernel: 8 rows 1.19-1.29x (FMA-bound there on AVX2's 16 registers;
+// now at memory speed, as 2 and 4 rows were), 6 rows 1.06x, 2 and 4 level; from L3 fp32 8 rows
+// measured 0.92x, but a decode step streams its weights from memory. One bf16 row of x is bound
+// by memory: four accumulators over one weight row at a time, 1 KB ahead.
+template <typename E, int M>
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void rows_kernel_avx512(const E* x, const E* w, float* y, int64_t ldy, int64_t K, int64_t count) {
+  if constexpr (M > 1) {
+    constexpr int R = 16 / M;
+    int64_t n = 0;
+    for (; n + R <= count; n += R) weight_rows<E, M, R>(x, w + n * K, y + n, ldy, K);
+    for (; n < count; ++n) weight_rows<E, M, 1>(x, w + n * K, y + n, ldy, K);
+  } else {
+    using V = Wide<E>;
+    constexpr int64_t step = V::kStep;
+    constexpr int A = 4;
+    for (int64_t n = 0; n < count; ++n) {
+      const E* row = w + n * K;
+      __m512 acc[A];
+      for (int j = 0; j < A; ++j) acc[j] = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + step * A <= K; k += step * A) {
+        for (int j = 0; j < A; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(row + k + step * j) + 1024, _MM_HINT_T1);
+          acc[j] = V::dot(acc[j], V::load(row + k + step * j, step), V::load(x + k + step * j, step));
+        }
+      }
+      for (; k < K; k += step) acc[0] = V::dot(acc[0], V::load(row + k, K - k), V::load(x + k, K - k));
+      y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
     }
   }
 }
@@ -231,7 +256,8 @@ struct Stack {
   }
 };
 
-// x: arranged fp32 (rows_kernel), or bf16 bits in natural order (rows_kernel_bf16_dot: bf16 weights).
+// x: arranged fp32 (rows_kernel; natural order for fp32 weights, as rows_kernel_avx512 reads it), or
+// bf16 bits in natural order (rows_kernel_avx512: bf16 weights).
 template <typename T, int M, typename X>
 void pass(const X* x, const Stack<T>& stack, float* y, int64_t ldy, int64_t K) {
   const auto rows = [&](int64_t n0, int64_t n1) {
@@ -240,7 +266,10 @@ void pass(const X* x, const Stack<T>& stack, float* y, int64_t ldy, int64_t K) {
       if (lo >= hi) continue;
       const T* w = stack.weights[i] + (lo - stack.starts[i]) * K;
       if constexpr (std::is_same_v<X, uint16_t>)
-        rows_kernel_bf16_dot<M>(x, reinterpret_cast<const uint16_t*>(w), y + lo, ldy, K, hi - lo);
+        rows_kernel_avx512<uint16_t, M>(x, reinterpret_cast<const uint16_t*>(w), y + lo, ldy, K, hi - lo);
+      else if constexpr (std::is_same_v<T, float> && M > 1)  // fp32 x and weights
+        has_avx512_bf16() ? rows_kernel_avx512<float, M>(x, w, y + lo, ldy, K, hi - lo)
+                          : rows_kernel<T, M>(x, w, y + lo, ldy, K, hi - lo);
       else
         rows_kernel<T, M>(x, w, y + lo, ldy, K, hi - lo);
     }
@@ -305,7 +334,7 @@ void arrange_x(const X* x, float* out, int64_t rows, int64_t K, bool even_odd) {
 }
 
 // y = rows of x (K each, any float dtype) through the stacked weights, in fp32. bf16 x with bf16
-// weights goes to rows_kernel_bf16_dot where the CPU has AVX512_BF16; otherwise x is arranged into
+// weights goes to rows_kernel_avx512 where the CPU has AVX512_BF16; otherwise x is arranged into
 // `arranged` (rows * K floats) for rows_kernel.
 template <typename T, typename X>
 void multiply(const X* x, const Stack<T>& stack, float* y, int64_t rows, int64_t K, float* arranged) {
