@@ -18,7 +18,7 @@ Decode streams every weight once per step, so its speed is how fast the weights 
   blocked layout where oneDNN runs the dtype natively (fp32 everywhere; bf16/fp16 with AVX-512
   BF16/FP16 or AMX), else, for bf16/fp16 on CPUs without such hardware (AVX2), an fp32 matmul on a
   weight upcast block by block per call, from 16 rows: there the low-precision GEMM is 2x
-  (16 rows) to 5.6x (512 rows) slower (README, Speed).
+  (16 rows) to 5.6x (512 rows) slower (docs/speed.md).
 
 `PackedLinear` is an `nn.Linear` (same parameter, same state-dict key). The oneDNN kind also holds
 the packed copy, so packing costs one extra copy of the linear weights (`onednn=False` declines
@@ -291,7 +291,7 @@ INDUCTOR_OPTIONS = {
 def one_row_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`x @ w.t()` for a single row x (..., K), as a multiply-sum accumulated in fp32, which inductor
     turns into one vectorised reduction over w's rows: on this project's CPUs it reads the weights
-    ~1.7x faster than the BLAS gemv (README, Speed). Use inside a compiled graph only: eagerly it
+    ~1.7x faster than the BLAS gemv (docs/speed.md). Use inside a compiled graph only: eagerly it
     would materialise the product."""
     return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
 
@@ -308,7 +308,7 @@ def huge_page_weights(model: nn.Module) -> int:
     keeps its own storage (a slice of the block) and its Parameter (`.data` is swapped), so saving,
     tying and LoRA see nothing new. A decode step streams every weight once: on 4 KB pages that is
     a TLB miss every 4 KB and a prefetcher that stops at each page; on 2 MB pages `small_linear`
-    read bench-125m's weights 2-13 % faster here (`benchmarks/bench_small_linear.py`; README, Speed). Returns the bytes moved
+    read bench-125m's weights 2-13 % faster here (`benchmarks/bench_small_linear.py`; docs/speed.md). Returns the bytes moved
     (0 where not Linux or nothing to move). The block holds the weights' bytes plus at most 2 MB."""
     import mmap
 
@@ -341,13 +341,13 @@ def huge_page_weights(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------- C++ kernels (x86 with AVX2)
-SMALL_MAX_ROWS = 8  # up to this many rows, `small_linear` beats every other kernel here (README, Speed)
+SMALL_MAX_ROWS = 8  # up to this many rows, `small_linear` beats every other kernel here (docs/speed.md)
 _CSRC = Path(__file__).parent / "csrc" / "decode_kernels.cpp"
 _kernels_loaded = False
 
 
 # torch's CPU capabilities the C++ kernels run on: AVX2 code, on AVX-512 CPUs too, where the fused
-# step was measured faster than inductor's path (README, Speed)
+# step was measured faster than inductor's path (docs/speed.md)
 KERNEL_CPUS = ("AVX2", "AVX512")
 
 
@@ -429,6 +429,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query per row, q (B, nh, 1, hd), over k, v (B, nkv, S, hd) plus bias (B, 1, 1, S), by the
     AVX2 kernel of `csrc/decode_kernels.cpp`: each kv head's keys and values read once for the query
-    heads that share it, softmax in fp32; ~3x faster than SDPA here (README, Speed). An int8 cache
+    heads that share it, softmax in fp32; ~3x faster than SDPA here (docs/speed.md). An int8 cache
     (`cache.quantize_int8`) passes its keys and values as int8 with their scales (B, nkv, S)."""
     return torch.ops.mistral_torch_cpu.decode_attention(q, k, v, bias, k_scale, v_scale)

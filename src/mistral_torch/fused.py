@@ -3,7 +3,7 @@
 A decode step is ~60 small kernels (per layer: norm, q/k/v, RoPE and the cache
 write, attention, o, norm, gate/up, SwiGLU, down). Run from a compiled graph, every call pays for
 dispatch, allocation and code and metadata that the weight stream has pushed out of the CPU
-caches: ~15 % of a bf16 step at bench-125m (README, Speed). `decode_step` in
+caches: ~15 % of a bf16 step at bench-125m (docs/speed.md). `decode_step` in
 `csrc/decode_kernels.cpp` runs the same ops in one call, in the order and at the rounding points
 of `model.py`, over the model's own parameters and the cache's own buffers, with the same two
 kernels the compiled step uses (`small_linear`, the decode attention). No compiler is involved,
