@@ -318,8 +318,8 @@ def _serve(args: argparse.Namespace) -> int:
         model = load_adapter(model, args.adapter) or model
     model.kv_cache_dtype = cache_dtype(args.kv_cache)
     if args.compile:
-        print("compiling the decode step for batch sizes 1 and 2+ ...", flush=True)
-        model.eval().compile_decode().warm_up_decode()
+        print("compiling the decode step for every batch size up to --max-batch-size ...", flush=True)
+        model.eval().compile_decode().warm_up_decode(max_batch_size=args.max_batch_size)
     name = args.model_name or (args.model if args.model and not os.path.exists(args.model) else path.name)
     api_key = args.api_key or os.environ.get("MISTRAL_TORCH_API_KEY") or None
     print(f"serving {name} ({model.args.n_params:,} parameters) at http://{args.host}:{args.port}/ "

@@ -357,14 +357,17 @@ class Transformer(nn.Module):
         self._compiled_for, self._checked_at, self._dynamic_buffers = self._structure(), None, None
         return self
 
-    def warm_up_decode(self, batch_sizes: tuple[int, ...] | None = None) -> "Transformer":
+    def warm_up_decode(self, batch_sizes: tuple[int, ...] | None = None,
+                       max_batch_size: int | None = None) -> "Transformer":
         """Run the compiled step at every shape class a server meets, so that no request waits for
         the compiler: batch 1, and two larger batches (the second size makes the graph dynamic in
         the batch); where the fused step takes batches of up to 8 rows, the two are of 9 and 10.
-        Every cache length shares one graph (see `_decode`)."""
+        `max_batch_size`: none larger (a server that never batches more than the fused step
+        takes compiles nothing). Every cache length shares one graph (see `_decode`)."""
         if batch_sizes is None:
             first = fast.SMALL_MAX_ROWS + 1 if self._fused_step is not None else 2
             batch_sizes = (1, first, first + 1)
+        batch_sizes = [b for b in batch_sizes if max_batch_size is None or b <= max_batch_size]
         with torch.inference_mode():
             for b in batch_sizes:
                 _, cache = self(torch.ones(b, 2, dtype=torch.long, device=self.device))
