@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from mistral_torch import ModelArgs, Transformer  # noqa: E402
-from mistral_torch.fast import SMALL_MAX_ROWS  # noqa: E402
 
 GGUF_FOR = {"fp32": ["f32"], "bf16": ["f16", "q8_0"], "fp16": ["f16", "q8_0"]}
 
@@ -149,14 +148,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         inductor = common.twin(model) if args.inductor_only and not args.no_compile else None
         aot = common.twin(model) if dev == "cpu" and 1 in prompts and not (args.no_compile or args.no_aot) else None
         graph = None  # batches that the fused step takes: also torch.compile's step, for comparison
-        if fast is not None and dev == "cpu" and any(1 < b <= SMALL_MAX_ROWS for b in prompts):
+        if fast is not None and dev == "cpu" and any(b > 1 for b in prompts):
             graph = common.twin(model)
         for b, prompt in prompts.items():
             contenders[f"mistral-torch eager b{b}"] = lambda p=prompt: ours(model, p, args.new, None)
             meta[f"mistral-torch eager b{b}"] = dict(impl="mistral-torch", mode="eager", batch=b)
             if not args.no_compile:
                 fn, warm = compile_step(fast, args, prompt)
-                mode = "fused" if b <= SMALL_MAX_ROWS and fast._fused_step is not None else "compiled"
+                mode = "fused" if fast._fused_step is not None and b <= fast._fused_step.max_rows else "compiled"
                 contenders[f"mistral-torch {mode} b{b}"] = lambda p=prompt, fn=fn: ours(fast, p, args.new, fn)
                 meta[f"mistral-torch {mode} b{b}"] = dict(impl="mistral-torch", mode=mode, batch=b,
                                                           compile_warmup_s=warm)

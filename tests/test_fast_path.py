@@ -10,6 +10,7 @@ import torch
 
 from conftest import hf_twin, tiny_model
 from mistral_torch.cache import GROW
+from mistral_torch import fused
 from mistral_torch.fused import FusedDecoder
 from mistral_torch.generate import generate_ids
 
@@ -722,26 +723,32 @@ def test_fused_decode_step_equals_the_plain_path(dtype, kv, window, rows):
 
 
 @needs_kernels
-def test_fused_decode_step_takes_only_what_it_can_run():
+def test_fused_decode_step_takes_only_what_it_can_run(monkeypatch):
     """The fused step reads the model's parameters in place (a load_state_dict is seen) and tied
-    embeddings; LoRA-wrapped or quantized linears, batches of more than 8 rows and explicit
-    positions go to the compiled step, with the plain path's logits."""
+    embeddings; LoRA-wrapped or quantized linears, batches of more than `max_rows` and explicit
+    positions go to the compiled step, with the plain path's logits. `max_rows` is 16 for this
+    small fp32 model (its weights stay in the CPU's caches between passes), 8 for a large one."""
     from mistral_torch.lora import apply_lora
     from mistral_torch.quantize import quantize_model
 
-    tokens = torch.randint(0, 512, (9, 20), generator=torch.Generator().manual_seed(53))
+    tokens = torch.randint(0, 512, (17, 20), generator=torch.Generator().manual_seed(53))
     model = tiny_model(seed=54, sliding_window=8).compile_decode()
     other = tiny_model(seed=55, sliding_window=8)
     model.load_state_dict(other.state_dict())
     assert (decode(model, tokens[:1], 6)[0] - decode(other, tokens[:1], 6)[0]).abs().max() <= TOL
     assert model._fused_step.steps == 14
-    decode(model, tokens[:8], 6)  # a batch of 8: fused
+    assert model._fused_step.max_rows == 16
+    assert (decode(model, tokens[:16], 6)[0] - decode(other, tokens[:16], 6)[0]).abs().max() <= TOL  # two passes of 8
     assert model._fused_step.steps == 28
-    assert (decode(model, tokens, 6)[0] - decode(other, tokens, 6)[0]).abs().max() <= TOL  # 9: compiled
+    assert (decode(model, tokens, 6)[0] - decode(other, tokens, 6)[0]).abs().max() <= TOL  # 17: compiled
     with torch.inference_mode():  # explicit positions: the compiled step
         _, cache = model(tokens[:1, :6])
         model(tokens[:1, 6:7], cache=cache, positions=torch.tensor([[6]]))
     assert model._fused_step.steps == 28
+
+    monkeypatch.setattr(fused, "CACHE_RESIDENT_BYTES", 0)  # as if its weights did not fit the caches
+    assert tiny_model(seed=54).compile_decode()._fused_step.max_rows == 8
+    assert tiny_model(seed=54).to(torch.bfloat16).compile_decode()._fused_step.max_rows == 16
 
     tied = tiny_model(seed=56, sliding_window=8, tie_embeddings=True)
     want = decode(tied, tokens[:1], 6)[0]

@@ -178,7 +178,7 @@ class Transformer(nn.Module):
         self.kv_cache_dtype: torch.dtype | None = None  # new caches' buffers: None = the model's dtype, or torch.int8
         self._decode_step = None  # a compiled `_run` for one-token steps (see `compile_decode`)
         self._aot_step: AotDecoder | None = None  # the batch-1 step compiled ahead of time (aot=True)
-        self._fused_step: FusedDecoder | None = None  # steps of up to 8 rows as one C++ call (fused.py)
+        self._fused_step: FusedDecoder | None = None  # steps of up to 8 or 16 rows as one C++ call (fused.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -297,7 +297,7 @@ class Transformer(nn.Module):
         length, so one compilation serves every position); with `mode="reduce-overhead"` (CUDA
         graphs) the buffers start at full capacity, so every step has the same shapes. The first
         step compiles: 20-35 s on a CPU, again for batch 1 vs larger batches; inductor's on-disk
-        caches make that ~5 s in later processes. (Steps of up to 8 rows of plain models on x86
+        caches make that ~5 s in later processes. (Steps of up to 8 or 16 rows of plain models on x86
         AVX2 and AVX-512 CPUs skip it: `fused` below.)
 
         On CPU the linears become `fast.PackedLinear`s (same parameters and state-dict keys). On an
@@ -316,7 +316,8 @@ class Transformer(nn.Module):
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
 
         `fused` (default; with the C++ kernels, no mode): steps of plain models (no LoRA or
-        quantized linears) of up to 8 rows, each continuing at its next position, run as one C++
+        quantized linears) of up to 8 rows (16 for 16-bit or small models: `fused.py`), each
+        continuing at its next position, run as one C++
         call (`fused.py`) that nothing compiles, so they start at once; the compiled step
         (torch.compile, or for batch 1 with `aot=True` the same graph compiled ahead of time by
         AOTInductor, `aot.py`, its package cached on disk) runs every other step.
@@ -361,11 +362,12 @@ class Transformer(nn.Module):
                        max_batch_size: int | None = None) -> "Transformer":
         """Run the compiled step at every shape class a server meets, so that no request waits for
         the compiler: batch 1, and two larger batches (the second size makes the graph dynamic in
-        the batch); where the fused step takes batches of up to 8 rows, the two are of 9 and 10.
+        the batch); where the fused step takes batches (of up to 8 or 16 rows: `fused.py`), the two
+        are one and two rows larger.
         `max_batch_size`: none larger (a server that never batches more than the fused step
         takes compiles nothing). Every cache length shares one graph (see `_decode`)."""
         if batch_sizes is None:
-            first = fast.SMALL_MAX_ROWS + 1 if self._fused_step is not None else 2
+            first = self._fused_step.max_rows + 1 if self._fused_step is not None else 2
             batch_sizes = (1, first, first + 1)
         batch_sizes = [b for b in batch_sizes if max_batch_size is None or b <= max_batch_size]
         with torch.inference_mode():
@@ -386,7 +388,7 @@ class Transformer(nn.Module):
             if self._structure() != self._compiled_for:  # here: modules swapped or cast since compiling
                 self.compile_decode(*self._compile_args)
         next_token = positions is None and cache.batch_size == 1  # the usual step: planned on the host
-        fused = positions is None and self._fused_step is not None and cache.batch_size <= fast.SMALL_MAX_ROWS
+        fused = positions is None and self._fused_step is not None and cache.batch_size <= self._fused_step.max_rows
         if positions is None and not next_token:
             positions = cache.next_pos[:, None]
         last = int(cache.next_pos.item()) if next_token else int(positions.max())
