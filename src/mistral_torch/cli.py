@@ -51,10 +51,10 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
     p.add_argument("--quantize", default=None, metavar="METHOD",
                    help="quantize the weights after loading: int8, int4 or nf4 (quantize.py)")
     p.add_argument("--compile", action="store_true",
-                   help="the fast decode step: on x86 AVX2/AVX-512 CPUs steps of up to 8 prompts (16 for bf16 or "
-                        "small models) run as one C++ call (~2.5x faster tokens, nothing to compile; the kernels "
-                        "build once, ~20 s) and larger "
-                        "batches, LoRA adapters and quantized weights through torch.compile (20-35 s warm-up the first "
+                   help="the fast decode step: on x86 AVX2/AVX-512 CPUs steps of up to 8 prompts (16 for small "
+                        "models and, with AVX512_BF16, bf16 ones) run as one C++ call (~2.5x faster tokens, "
+                        "nothing to compile; the kernels build once, ~20 s) and larger batches, LoRA adapters "
+                        "and quantized weights through torch.compile (20-35 s warm-up the first "
                         "time, ~5 s later from inductor's on-disk cache); elsewhere torch.compile for all, "
                         "fp32 weights packed for oneDNN (2x their memory)")
     p.add_argument("--aot", action="store_true",

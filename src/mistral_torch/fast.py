@@ -7,8 +7,8 @@ Decode streams every weight once per step, so its speed is how fast the weights 
   weight once for all rows at memory speed, bf16 included (widened by a shift and a mask, which
   inductor's reductions cannot express); and `decode_attention` over the grouped query heads.
   q/k/v and gate/up go through one call each, over their weights side by side (`project`).
-  A step of up to 8 rows (16 for 16-bit or small models) of a plain model runs both kernels from
-  one C++ call instead (`fused.py`).
+  A step of up to 8 rows (16 for small or, with AVX512_BF16, bf16 models) of a plain model runs
+  both kernels from one C++ call instead (`fused.py`).
 - One row elsewhere (compiled): `PackedLinear` writes `x @ W.t()` as a multiply-sum
   (`one_row_linear`) that inductor fuses into one vectorised reduction over the weight rows,
   together with the norm or activation before it. It reads fp32 weights ~1.7x faster than the

@@ -16,10 +16,11 @@ the linears take the rows together, reading each weight once per 8 rows. Every o
 to the compiled step.
 
 `max_rows` is 8, or 16 where a second pass over the weights costs less than the compiled step's
-one (bench-125m, batch 16, twins in one process on a Zen 4: bf16 weights 1.27x torch.compile's
-step, fp32 weights 0.84x, since oneDNN multiplies 16 fp32 rows near its peak; the shipped
-20 MB fp32 model, whose weights stay in the CPU's last-level cache between passes, served 16
-clients 1.53x faster).
+one (bench-125m, batch 16, twins in one process on a Zen 4: bf16 weights, multiplied by
+`vdpbf16ps`, 1.27x torch.compile's step; fp32 weights 0.84x, since oneDNN multiplies 16 fp32
+rows near its peak; the shipped 20 MB fp32 model, whose weights stay in the CPU's last-level
+cache between passes, served 16 clients 1.53x faster). bf16 on CPUs without AVX512_BF16 and
+fp16 (widened, compute-bound at 8 rows) were not measured there and keep 8.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ if TYPE_CHECKING:
 CACHE_RESIDENT_BYTES = 32 << 20  # linear weights up to this stay in the last-level cache between passes
 
 
+def bf16_dot_products(dtype: torch.dtype) -> bool:
+    """Whether the C++ kernels multiply `dtype` weights as bf16 pairs (`vdpbf16ps`) on this CPU."""
+    supported = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return dtype == torch.bfloat16 and bool(supported())
+
+
 class FusedDecoder:
     """`decode_step` over one model's parameters (kept by reference: in-place updates are seen)."""
 
@@ -54,7 +61,7 @@ class FusedDecoder:
         self.op = torch.ops.mistral_torch_cpu.decode_step
         self.steps = 0  # steps it has run
         linear_bytes = model.lm_head.weight.nbytes + sum(w.nbytes for i, w in enumerate(self.layers) if i % 9 not in (0, 5))
-        two_passes_pay = model.dtype != torch.float32 or linear_bytes <= CACHE_RESIDENT_BYTES
+        two_passes_pay = bf16_dot_products(model.dtype) or linear_bytes <= CACHE_RESIDENT_BYTES
         self.max_rows = 2 * fast.SMALL_MAX_ROWS if two_passes_pay else fast.SMALL_MAX_ROWS  # see above
 
     @staticmethod

@@ -316,9 +316,9 @@ class Transformer(nn.Module):
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
 
         `fused` (default; with the C++ kernels, no mode): steps of plain models (no LoRA or
-        quantized linears) of up to 8 rows (16 for 16-bit or small models: `fused.py`), each
-        continuing at its next position, run as one C++
-        call (`fused.py`) that nothing compiles, so they start at once; the compiled step
+        quantized linears) of up to 8 rows (16 for small models and, with AVX512_BF16, bf16 ones),
+        each continuing at its next position, run as one C++ call (`fused.py`) that nothing
+        compiles, so they start at once; the compiled step
         (torch.compile, or for batch 1 with `aot=True` the same graph compiled ahead of time by
         AOTInductor, `aot.py`, its package cached on disk) runs every other step.
         """
