@@ -60,7 +60,8 @@ class FusedDecoder:
         self.inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64).float() / a.head_dim))
         self.op = torch.ops.mistral_torch_cpu.decode_step
         self.steps = 0  # steps it has run
-        linear_bytes = model.lm_head.weight.nbytes + sum(w.nbytes for i, w in enumerate(self.layers) if i % 9 not in (0, 5))
+        norms = (0, 5)  # of each layer's 9 tensors above; the other 7 are its linears
+        linear_bytes = model.lm_head.weight.nbytes + sum(w.nbytes for i, w in enumerate(self.layers) if i % 9 not in norms)
         two_passes_pay = bf16_dot_products(model.dtype) or linear_bytes <= CACHE_RESIDENT_BYTES
         self.max_rows = 2 * fast.SMALL_MAX_ROWS if two_passes_pay else fast.SMALL_MAX_ROWS  # see above
 

@@ -318,17 +318,17 @@ class Transformer(nn.Module):
         `fused` (default; with the C++ kernels, no mode): steps of plain models (no LoRA or
         quantized linears) of up to 8 rows (16 for small models and, with AVX512_BF16, bf16 ones),
         each continuing at its next position, run as one C++ call (`fused.py`) that nothing
-        compiles, so they start at once; the compiled step
-        (torch.compile, or for batch 1 with `aot=True` the same graph compiled ahead of time by
-        AOTInductor, `aot.py`, its package cached on disk) runs every other step.
+        compiles, so they start at once; the compiled step (torch.compile, or for batch 1 with
+        `aot=True` the same graph compiled ahead of time by AOTInductor, `aot.py`, its package
+        cached on disk) runs every other step.
         """
         self._compile_args = (mode, options, backend, pack, kernels, aot, fused)
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
         cpu_inductor = backend == "inductor" and mode is None and self.device.type == "cpu"
         use_kernels = cpu_inductor and kernels is not False and fast.cpp_kernels()  # built once
         # oneDNN's packed copy: where the C++ kernels are off (it takes the decode rows), and on
-        # AVX-512 CPUs (it takes the prefill rows: 1.2-1.8x MKL at 512 tokens there; README,
-        # Speed) unless the step is to be compiled ahead of time, which cannot call it
+        # AVX-512 CPUs (it takes the prefill rows: 1.2-1.8x MKL at 512 tokens there; docs/speed.md)
+        # unless the step is to be compiled ahead of time, which cannot call it
         onednn = pack if pack is not None else not use_kernels or (fast.avx512() and not aot)
         if cpu_inductor:
             fast.pack_linears(self)

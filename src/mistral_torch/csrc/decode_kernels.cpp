@@ -10,8 +10,9 @@
 // adds do not wait on each other). bf16 is widened without shuffles: a 32-bit lane holding two
 // bf16 values gives the even one by a 16-bit left shift and the odd one by masking its low half,
 // so x is laid out even/odd per chunk to match. fp16 uses F16C's vcvtph2ps; fp32 is loaded as is.
-// On CPUs with AVX512_BF16, bf16 weights times bf16 x take `vdpbf16ps` instead (a function compiled
-// for that target, chosen at run time): 8 rows ~2x faster, one row level (memory-bound).
+// On CPUs with AVX512_BF16 (a function compiled for that target, chosen at run time), bf16 weights
+// times bf16 x take `vdpbf16ps` instead (8 rows ~2x faster, one row level: memory-bound), and fp32
+// weights times 2-8 rows 512-bit FMAs; 2-8 rows take several weight rows a pass there.
 //
 // decode_attention: one query per row over the cached keys and values; the query heads that share
 // a kv head read its keys and values once, widened the same way; softmax in fp32. An int8 cache
@@ -857,15 +858,19 @@ inline void each(int64_t n, float* out, F8 f8, F1 f1) {
   for (; i < n; ++i) out[i] = rnd<W>(f1(i));
 }
 
-// RMSNorm: weight * rms_norm(x.float()).to(W), into `out` (W-rounded).
+// RMSNorm of `rows` rows of n: weight * rms_norm(x.float()).to(W), into `out` (W-rounded).
 template <typename W>
-void rms_norm(const float* x, const W* weight, int64_t n, float eps, float* out) {
-  double ss = 0.0;
-  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
-  const float r = 1.0f / std::sqrt(float(ss / n) + eps);
-  const __m256 r8 = _mm256_set1_ps(r);
-  each<W>(n, out, [&](int64_t i) { return _mm256_mul_ps(load8<W>(weight + i), rnd8<W>(_mm256_mul_ps(_mm256_loadu_ps(x + i), r8))); },
-          [&](int64_t i) { return static_cast<float>(weight[i]) * rnd<W>(x[i] * r); });
+void rms_norm(const float* x_rows, const W* weight, int64_t rows, int64_t n, float eps, float* out_rows) {
+  for (int64_t b = 0; b < rows; ++b) {
+    const float* x = x_rows + b * n;
+    float* out = out_rows + b * n;
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
+    const float r = 1.0f / std::sqrt(float(ss / n) + eps);
+    const __m256 r8 = _mm256_set1_ps(r);
+    each<W>(n, out, [&](int64_t i) { return _mm256_mul_ps(load8<W>(weight + i), rnd8<W>(_mm256_mul_ps(_mm256_loadu_ps(x + i), r8))); },
+            [&](int64_t i) { return static_cast<float>(weight[i]) * rnd<W>(x[i] * r); });
+  }
 }
 
 // n floats already rounded to W (`rnd`), stored as W: exact, 8 at a time.
@@ -991,7 +996,7 @@ void decode_step_typed(const int64_t* tokens, const int64_t* pos, int64_t B, con
   for (size_t l = 0; l * 9 < layers.size(); ++l) {
     const at::Tensor* w = layers.data() + l * 9;  // input norm, q, k, v, o, post norm, gate, up, down
     // h = x + self_attn(input_layernorm(x))
-    for (int64_t b = 0; b < B; ++b) rms_norm<W>(x + b * dim, w[0].const_data_ptr<W>(), dim, eps, h + b * dim);
+    rms_norm<W>(x, w[0].const_data_ptr<W>(), B, dim, eps, h);
     linear<W>(h, {&w[1], &w[2], &w[3]}, B, dim, qkv);
     C* kc = k_cache[l].mutable_data_ptr<C>();
     C* vc = v_cache[l].mutable_data_ptr<C>();
@@ -1018,7 +1023,7 @@ void decode_step_typed(const int64_t* tokens, const int64_t* pos, int64_t B, con
     linear<W>(h, {&w[4]}, B, Hq * D, y);  // o_proj
     add<W>(x, y, B * dim);
     // x = h + mlp(post_attention_layernorm(h)): down(silu(gate) * up)
-    for (int64_t b = 0; b < B; ++b) rms_norm<W>(x + b * dim, w[5].const_data_ptr<W>(), dim, eps, h + b * dim);
+    rms_norm<W>(x, w[5].const_data_ptr<W>(), B, dim, eps, h);
     linear<W>(h, {&w[6], &w[7]}, B, dim, gu);
     each_row(B, [&](int64_t b) {
       const float *gate = gu + b * 2 * hidden, *up = gate + hidden;
@@ -1031,7 +1036,7 @@ void decode_step_typed(const int64_t* tokens, const int64_t* pos, int64_t B, con
     linear<W>(h, {&w[8]}, B, hidden, y);
     add<W>(x, y, B * dim);
   }
-  for (int64_t b = 0; b < B; ++b) rms_norm<W>(x + b * dim, norm.const_data_ptr<W>(), dim, eps, h + b * dim);  // lm_head(norm(x))
+  rms_norm<W>(x, norm.const_data_ptr<W>(), B, dim, eps, h);  // lm_head(norm(x))
   linear<W>(h, {&lm_head}, B, dim, y);
   to_dtype<W>(y, logits, B * V);
 }
