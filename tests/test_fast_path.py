@@ -784,3 +784,109 @@ def test_compile_decode_packs_for_onednn_only_where_it_pays(monkeypatch, avx512)
             with torch.inference_mode():
                 plain = tiny_model(seed=3)(tokens)[0]
                 torch.testing.assert_close(model(tokens)[0], plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [8, None])
+def test_masked_prefill_attends_block_by_block_to_the_keys_each_block_sees(monkeypatch, window):
+    """A prefill whose mask hides keys from whole blocks of queries (causal, sliding window, a
+    wrapped cache) attends per block of `QUERY_BLOCK` queries to the key span the block sees
+    (`key_spans`): the logits of transformers' full forward, and of attention over every key when
+    padding is involved; a span one key short would not be."""
+    import mistral_torch.model as model_module
+    monkeypatch.setattr(model_module, "QUERY_BLOCK", 16)
+    used = []
+    spans_of = model_module.key_spans
+    monkeypatch.setattr(model_module, "key_spans", lambda bias: used.append(spans_of(bias)) or used[-1])
+    model = tiny_model(seed=61, sliding_window=window)
+    tokens = torch.randint(0, 512, (2, 110), generator=torch.Generator().manual_seed(62))
+    with torch.no_grad():
+        want = hf_twin(model)(tokens).logits
+    with torch.inference_mode():
+        first, cache = model(tokens[:, :70])  # window 8: wraps the cache in the first chunk
+        second, _ = model(tokens[:, 70:], cache=cache)  # the cache's rolled slots, then the new keys
+    assert (torch.cat([first, second], dim=1) - want).abs().max() <= TOL
+    # Without a window the second chunk's 40 queries see all 70 cached keys: too little to skip.
+    assert len(used) == 2 and used[0] is not None and (used[1] is None) == (window is None)
+    for spans, T in zip(used, (70, 40)):
+        assert spans is None or [a for a, *_ in spans] == list(range(0, T, 16)) and spans[-1][1] == T
+    assert all(hi - lo <= 16 + 7 for _, _, lo, hi in used[0]) if window else used[0][0][3] == 16
+    # Left padding (position -1 sees every key): spans against attention over every key.
+    positions = torch.arange(70).repeat(2, 1) - torch.tensor([[0], [5]])
+    positions[1, :5] = -1
+    with torch.inference_mode():
+        got, _ = model(tokens[:, :70], positions=positions)
+        monkeypatch.setattr(model_module, "key_spans", lambda bias: None)
+        plain, _ = model(tokens[:, :70], positions=positions)
+    assert used[-1] is not None and (got - plain).abs().max() <= TOL
+
+
+def test_key_spans_hold_every_visible_key():
+    """Every key a query may see lies in its block's span, for random masks; no span where the
+    blocks would skip too little."""
+    from mistral_torch.model import key_spans
+    g = torch.Generator().manual_seed(63)
+    for _ in range(20):
+        T, S = int(torch.randint(33, 90, (1,), generator=g)), int(torch.randint(20, 120, (1,), generator=g))
+        seen = torch.rand(2, 1, T, S, generator=g) < 0.02
+        seen[..., :T // 3, S // 2:] = False
+        bias = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))
+        spans = key_spans(bias, block=16)
+        if spans is None:
+            continue
+        for a, b, lo, hi in spans:
+            assert not seen[..., a:b, :lo].any() and not seen[..., a:b, hi:].any()
+    causal = torch.zeros(1, 1, 64, 64).masked_fill_(torch.ones(64, 64, dtype=torch.bool).triu(1), float("-inf"))
+    assert key_spans(causal, block=16) == [(0, 16, 0, 16), (16, 32, 0, 32), (32, 48, 0, 48), (48, 64, 0, 64)]
+    assert key_spans(torch.zeros(1, 1, 64, 64), block=16) is None  # nothing to skip
+
+
+@pytest.mark.skipif(not fast.plain_onednn(torch.float32), reason="fp32 matmuls stay with the BLAS on this CPU")
+def test_plain_fp32_prefill_runs_through_onednn_with_fused_pointwise_work(monkeypatch):
+    """An eager fp32 inference forward of 16+ rows multiplies every linear of the plain model
+    through oneDNN (SiLU, product and residual adds fused), with transformers' logits; fewer rows,
+    autograd, and a module with a forward hook (evaluate's on lm_head) go through the module."""
+    model = tiny_model(seed=64, sliding_window=8)
+    tokens = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(65))
+    with torch.no_grad():
+        want = hf_twin(model)(tokens).logits
+    named = {id(m): n for n, m in model.named_modules()}
+    calls = []
+    onednn_weight = fast.onednn_weight
+    monkeypatch.setattr(fast, "onednn_weight", lambda x, m: calls.append(
+        (named[id(m)], onednn_weight(x, m) is not None)) or onednn_weight(x, m))
+    with torch.inference_mode():
+        got, _ = model(tokens)
+    assert (got - want).abs().max() <= TOL
+    assert len(calls) == 7 * model.args.n_layers + 1 and all(fused for _, fused in calls)
+    calls.clear()
+    with torch.inference_mode():
+        model(tokens[:1, :fast.PLAIN_ONEDNN_MIN_ROWS - 1])
+    assert calls and not any(fused for _, fused in calls)
+    hooked = []
+    model.lm_head.register_forward_pre_hook(lambda m, args: hooked.append(args[0].shape))
+    calls.clear()
+    with torch.inference_mode():
+        model(tokens)
+    assert hooked == [(2, 30, 64)] and ("lm_head", False) in calls
+
+
+@pytest.mark.skipif(not fast.packing_supported(torch.bfloat16), reason="oneDNN runs no bf16 here")
+def test_bf16_prefill_with_fused_pointwise_work_is_as_close_to_fp32(monkeypatch):
+    """oneDNN's post-ops keep SiLU, product and residual add in fp32 before one rounding: the bf16
+    prefill's logits are no farther from fp32 transformers' than the unfused path's (packed and plain)."""
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(67))
+    with torch.no_grad():
+        ref = hf_twin(tiny_model(seed=66, sliding_window=8))(tokens).logits  # fp32
+    for pack in (False, True):
+        model = tiny_model(seed=66, sliding_window=8).to(torch.bfloat16)
+        if pack:
+            fast.pack_linears(model)
+        with torch.inference_mode():
+            fused_logits, _ = model(tokens)
+            with monkeypatch.context() as m:
+                m.setattr(fast, "onednn_weight", lambda x, mod: None)
+                plain_logits, _ = model(tokens)
+        fused_err = (fused_logits.float() - ref).abs().max()
+        plain_err = (plain_logits.float() - ref).abs().max()
+        assert not torch.equal(fused_logits, plain_logits), pack  # the fused path ran
+        assert fused_err <= 1.25 * plain_err + 1e-3, (pack, fused_err, plain_err)

@@ -224,7 +224,7 @@ def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
     if (len(linears) > 1 and torch.compiler.is_compiling() and not torch.is_grad_enabled()
             and all(isinstance(m, PackedLinear) for m in linears)):
         return compiled_projection(x, linears)
-    return tuple(m(x) for m in linears)
+    return tuple(linear(x, m) for m in linears)
 
 
 def compiled_projection(x: torch.Tensor, linears: tuple[PackedLinear, ...]) -> tuple[torch.Tensor, ...]:
@@ -245,6 +245,82 @@ def compiled_projection(x: torch.Tensor, linears: tuple[PackedLinear, ...]) -> t
     else:
         y = torch.ops.mistral_torch.packed_linear(x, [m.handle for m in linears], sum(sizes))
     return y.split(sizes, dim=-1) if len(linears) > 1 else (y,)
+
+
+PLAIN_ONEDNN_MIN_ROWS = 16  # from here oneDNN on a plain fp32 weight beats MKL's sgemm on Zen 4 (1.2x; 64 rows: 2.2x)
+
+
+@functools.lru_cache(maxsize=None)
+def plain_onednn(dtype: torch.dtype, device_type: str = "cpu") -> bool:
+    """Whether eager multi-row matmuls on plain (unpacked) weights of `dtype` go to oneDNN:
+    bf16/fp16 where it runs them natively (F.linear calls it anyway; its post-ops then fuse the
+    SwiGLU and the residual adds), fp32 on AVX-512 CPUs, where it reorders the weight per call
+    and still beats MKL's sgemm 1.2-2.2x (docs/speed.md; on AVX2 it was not measured faster)."""
+    if not packing_supported(dtype, device_type):
+        return False
+    return dtype != torch.float32 or avx512()
+
+
+def _plain_onednn_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether an eager inference `x @ w.t()` on a plain weight goes to oneDNN (`plain_onednn`)."""
+    return (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and x.numel() >= PLAIN_ONEDNN_MIN_ROWS * x.shape[-1] and x.dtype == w.dtype
+            and plain_onednn(w.dtype, w.device.type) and not torch.is_autocast_enabled(x.device.type))
+
+
+def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, w)` (no bias), through oneDNN where `plain_onednn` says (eager inference,
+    `PLAIN_ONEDNN_MIN_ROWS` rows or more): what the plain model's linears run (`linear`)."""
+    if _plain_onednn_takes(x, w):
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return F.linear(x, w)
+
+
+def onednn_weight(x: torch.Tensor, m: nn.Module) -> torch.Tensor | None:
+    """The weight oneDNN should multiply `x` by for `m(x)` in an eager inference forward: a
+    `PackedLinear`'s packed copy, or a plain `nn.Linear`'s own weight (`plain_onednn`, from
+    `PLAIN_ONEDNN_MIN_ROWS` rows); None where `m(x)` should run as it is (autograd, a compiled
+    graph, autocast, few rows, other modules, forward hooks to honour)."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or m._forward_hooks or m._forward_pre_hooks:
+        return None  # first: inside a graph nothing below is traced
+    if type(m) is PackedLinear:
+        if (m.kernel() != "onednn" or m.takes_small(x) or x.dtype != m.weight.dtype
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        return m._packed_weight(m.weight)
+    if type(m) is nn.Linear and m.bias is None and _plain_onednn_takes(x, m.weight):
+        return m.weight
+    return None
+
+
+def linear(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    """`m(x)`, through oneDNN where `onednn_weight` names a weight."""
+    w = onednn_weight(x, m)
+    return m(x) if w is None else torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def linear_add(x: torch.Tensor, m: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    """`residual + m(x)`; through oneDNN the add happens as the product is written (a binary
+    post-op), not as one more pass over the activations."""
+    w = onednn_weight(x, m)
+    if w is None:
+        return residual + m(x)
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, None, "add")
+
+
+def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`[residual +] down(silu(gate(x)) * up(x))`. Through oneDNN (eager prefill) the SiLU, the
+    product and the residual add are post-ops of the three matmuls: 512-token fp32 feed-forward
+    1.15x (docs/speed.md)."""
+    weights = [onednn_weight(x, m) for m in (gate, up)]
+    if None not in weights:
+        op = torch.ops.mkldnn._linear_pointwise
+        h = op.binary(x, op(x, weights[0], None, "swish", [], ""), weights[1], None, "mul")
+        return linear(h, down) if residual is None else linear_add(h, down, residual)
+    g, u = project(x, gate, up)  # one kernel call when compiled
+    h = F.silu(g) * u
+    return linear(h, down) if residual is None else linear_add(h, down, residual)
 
 
 def _version(t: torch.Tensor) -> int:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast
 from .args import ModelArgs
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -204,8 +205,8 @@ class LoRALinear(nn.Module):
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._base is None:
-            y = F.linear(x, self.weight, self.bias)
+        if self._base is None:  # a float base: the plain model's kernel (bit for bit its logits while B = 0)
+            y = fast.plain_linear(x, self.weight) if self.bias is None else F.linear(x, self.weight, self.bias)
         elif torch.is_grad_enabled() and x.requires_grad:
             y = _FrozenQuantizedLinear.apply(x, self._base_module())
         else:
