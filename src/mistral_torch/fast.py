@@ -20,6 +20,10 @@ Decode streams every weight once per step, so its speed is how fast the weights 
   BF16/FP16 or AMX), else, for bf16/fp16 on CPUs without such hardware (AVX2), an fp32 matmul on a
   weight upcast block by block per call, from 16 rows: there the low-precision GEMM is 2x
   (16 rows) to 5.6x (512 rows) slower (docs/speed.md).
+- Several rows of the plain model (eager prefill, no packed copy): `linear`, `swiglu` and
+  `linear_add` hand the weight as it is to oneDNN where that beats the BLAS (`plain_onednn`), and
+  oneDNN applies SiLU, the gate-times-up product and the residual adds as post-ops of its matmuls,
+  packed weights or not.
 
 `PackedLinear` is an `nn.Linear` (same parameter, same state-dict key). The oneDNN kind also holds
 the packed copy, so packing costs one extra copy of the linear weights (`onednn=False` declines

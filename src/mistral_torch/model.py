@@ -8,8 +8,10 @@ are HF keys and checkpoints load without renaming. RMSNorm and RoPE run in fp32 
 reference. Attention is grouped-query (n_kv_heads <= n_heads) with an optional sliding window,
 through `scaled_dot_product_attention`; inference goes through a `RollingKVCache`.
 
-Speed: per-forward work (RoPE angles, the attention mask as an additive bias) is done once, not
-per layer; the one-token decode step can be compiled with `compile_decode()` (torch.compile:
+Speed: per-forward work (RoPE angles, the attention mask as an additive bias, the key span each
+block of queries sees) is done once, not per layer; a masked prefill attends per block of queries
+(`key_spans`); the linears' pointwise neighbours (SiLU, gate x up, residual adds) ride on oneDNN's
+matmuls where it runs them (`fast.swiglu`, `fast.linear_add`); the one-token decode step can be compiled with `compile_decode()` (torch.compile:
 CPU inductor with the memory-reading tricks of `fast.py`, CUDA graphs on GPU). Measured
 figures: README "Speed", `benchmarks/`.
 """
@@ -363,8 +365,9 @@ class Transformer(nn.Module):
         cpu_inductor = backend == "inductor" and mode is None and self.device.type == "cpu"
         use_kernels = cpu_inductor and kernels is not False and fast.cpp_kernels()  # built once
         # oneDNN's packed copy: where the C++ kernels are off (it takes the decode rows), and on
-        # AVX-512 CPUs (it takes the prefill rows: 1.2-1.8x MKL at 512 tokens there; docs/speed.md)
-        # unless the step is to be compiled ahead of time, which cannot call it
+        # AVX-512 CPUs (it takes the prefill rows: 1.03-1.33x oneDNN on the plain weight there,
+        # 1.06x a 512-token fp32 prefill; docs/speed.md) unless the step is to be compiled ahead
+        # of time, which cannot call it
         onednn = pack if pack is not None else not use_kernels or (fast.avx512() and not aot)
         if cpu_inductor:
             fast.pack_linears(self)
