@@ -1,8 +1,8 @@
 """Multi-row matmuls of a model's weight shapes: the BLAS (`F.linear`) against oneDNN on the plain
-weight (what an eager prefill runs, `fast.plain_onednn`) and oneDNN on its packed copy (what
+weight (what the plain model's eager forwards run, `fast.plain_onednn`) and oneDNN on its packed copy (what
 `compile_decode()` keeps on AVX-512 CPUs), side by side in one process.
 
-    python benchmarks/bench_matmul.py                       # bench-125m's FFN and LM-head shapes, 16-512 rows
+    python benchmarks/bench_matmul.py                       # bench-125m's FFN and LM-head shapes, 1-512 rows
     python benchmarks/bench_matmul.py --rows 16,512 --dtypes fp32 --rounds 20
 
 For each dtype, weight shape and row count: ms a call (median of `--rounds`, the three kernels
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.side_by_side_parser(__doc__, "--rows", 7, "benchmarks/results/matmul.json")
-    p.set_defaults(rows=[16, 64, 128, 512])
+    p.set_defaults(rows=[1, 2, 4, 8, 16, 64, 128, 512])
     return common.run_and_save(p.parse_args(argv), run)
 
 

@@ -841,10 +841,10 @@ def test_key_spans_hold_every_visible_key():
 
 
 @pytest.mark.skipif(not fast.plain_onednn(torch.float32), reason="fp32 matmuls stay with the BLAS on this CPU")
-def test_plain_fp32_prefill_runs_through_onednn_with_fused_pointwise_work(monkeypatch):
-    """An eager fp32 inference forward of 16+ rows multiplies every linear of the plain model
-    through oneDNN (SiLU, product and residual adds fused), with transformers' logits; fewer rows,
-    autograd, and a module with a forward hook (evaluate's on lm_head) go through the module."""
+def test_plain_fp32_forwards_run_through_onednn_with_fused_pointwise_work(monkeypatch):
+    """An eager fp32 inference forward (a prefill, a decode step) multiplies every linear of the
+    plain model through oneDNN (SiLU, product and residual adds fused), with transformers'
+    logits; autograd and a module with a forward hook (evaluate's on lm_head) go through the module."""
     model = tiny_model(seed=64, sliding_window=8)
     tokens = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(65))
     with torch.no_grad():
@@ -854,13 +854,11 @@ def test_plain_fp32_prefill_runs_through_onednn_with_fused_pointwise_work(monkey
     onednn_weight = fast.onednn_weight
     monkeypatch.setattr(fast, "onednn_weight", lambda x, m: calls.append(
         (named[id(m)], onednn_weight(x, m) is not None)) or onednn_weight(x, m))
-    with torch.inference_mode():
-        got, _ = model(tokens)
+    got, _ = decode(model, tokens, 20)  # a prefill of 20 positions, then 10 decode steps
     assert (got - want).abs().max() <= TOL
-    assert len(calls) == 7 * model.args.n_layers + 1 and all(fused for _, fused in calls)
+    assert len(calls) == 11 * (7 * model.args.n_layers + 1) and all(fused for _, fused in calls)
     calls.clear()
-    with torch.inference_mode():
-        model(tokens[:1, :fast.PLAIN_ONEDNN_MIN_ROWS - 1])
+    model(tokens)  # autograd on
     assert calls and not any(fused for _, fused in calls)
     hooked = []
     model.lm_head.register_forward_pre_hook(lambda m, args: hooked.append(args[0].shape))

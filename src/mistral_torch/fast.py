@@ -20,7 +20,7 @@ Decode streams every weight once per step, so its speed is how fast the weights 
   BF16/FP16 or AMX), else, for bf16/fp16 on CPUs without such hardware (AVX2), an fp32 matmul on a
   weight upcast block by block per call, from 16 rows: there the low-precision GEMM is 2x
   (16 rows) to 5.6x (512 rows) slower (docs/speed.md).
-- Several rows of the plain model (eager prefill, no packed copy): `linear`, `swiglu` and
+- The plain model's eager forwards (prefill, uncompiled decode; no packed copy): `linear`, `swiglu` and
   `linear_add` hand the weight as it is to oneDNN where that beats the BLAS (`plain_onednn`), and
   oneDNN applies SiLU, the gate-times-up product and the residual adds as post-ops of its matmuls,
   packed weights or not.
@@ -251,15 +251,14 @@ def compiled_projection(x: torch.Tensor, linears: tuple[PackedLinear, ...]) -> t
     return y.split(sizes, dim=-1) if len(linears) > 1 else (y,)
 
 
-PLAIN_ONEDNN_MIN_ROWS = 16  # from here oneDNN on a plain fp32 weight beats MKL's sgemm on Zen 4 (1.2x; 64 rows: 2.2x)
-
-
 @functools.lru_cache(maxsize=None)
 def plain_onednn(dtype: torch.dtype, device_type: str = "cpu") -> bool:
-    """Whether eager multi-row matmuls on plain (unpacked) weights of `dtype` go to oneDNN:
+    """Whether eager inference matmuls on plain (unpacked) weights of `dtype` go to oneDNN:
     bf16/fp16 where it runs them natively (F.linear calls it anyway; its post-ops then fuse the
     SwiGLU and the residual adds), fp32 on AVX-512 CPUs, where it reorders the weight per call
-    and still beats MKL's sgemm 1.2-2.2x (docs/speed.md; on AVX2 it was not measured faster)."""
+    and still beats MKL's sgemm at every row count measured: 1.4-2.8x for 1-8 rows (the eager
+    decode step 1.4x at batch 1, 1.7x at batch 4), 1.2-2.4x for 16-512 (docs/speed.md). On AVX2
+    it was not measured faster."""
     if not packing_supported(dtype, device_type):
         return False
     return dtype != torch.float32 or avx512()
@@ -267,14 +266,14 @@ def plain_onednn(dtype: torch.dtype, device_type: str = "cpu") -> bool:
 
 def _plain_onednn_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether an eager inference `x @ w.t()` on a plain weight goes to oneDNN (`plain_onednn`)."""
-    return (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and x.numel() >= PLAIN_ONEDNN_MIN_ROWS * x.shape[-1] and x.dtype == w.dtype
+    return (not torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.dtype == w.dtype
+            and type(w) in (torch.Tensor, nn.Parameter) and type(x) is torch.Tensor  # not DTensors (FSDP)
             and plain_onednn(w.dtype, w.device.type) and not torch.is_autocast_enabled(x.device.type))
 
 
 def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, w)` (no bias), through oneDNN where `plain_onednn` says (eager inference,
-    `PLAIN_ONEDNN_MIN_ROWS` rows or more): what the plain model's linears run (`linear`)."""
+    """`F.linear(x, w)` (no bias), through oneDNN where `plain_onednn` says (eager inference):
+    what the plain model's linears run (`linear`)."""
     if _plain_onednn_takes(x, w):
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return F.linear(x, w)
@@ -282,9 +281,9 @@ def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def onednn_weight(x: torch.Tensor, m: nn.Module) -> torch.Tensor | None:
     """The weight oneDNN should multiply `x` by for `m(x)` in an eager inference forward: a
-    `PackedLinear`'s packed copy, or a plain `nn.Linear`'s own weight (`plain_onednn`, from
-    `PLAIN_ONEDNN_MIN_ROWS` rows); None where `m(x)` should run as it is (autograd, a compiled
-    graph, autocast, few rows, other modules, forward hooks to honour)."""
+    `PackedLinear`'s packed copy (more rows than `small_linear` takes), or a plain `nn.Linear`'s
+    own weight (`plain_onednn`); None where `m(x)` should run as it is (autograd, a compiled
+    graph, autocast, other modules, forward hooks to honour)."""
     if torch.compiler.is_compiling() or torch.is_grad_enabled() or m._forward_hooks or m._forward_pre_hooks:
         return None  # first: inside a graph nothing below is traced
     if type(m) is PackedLinear:
