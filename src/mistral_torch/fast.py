@@ -313,16 +313,16 @@ def linear_add(x: torch.Tensor, m: nn.Module, residual: torch.Tensor) -> torch.T
 
 def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module,
            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`[residual +] down(silu(gate(x)) * up(x))`. Through oneDNN (eager prefill) the SiLU, the
+    """`[residual +] down(silu(gate(x)) * up(x))`. Through oneDNN (eager inference) the SiLU, the
     product and the residual add are post-ops of the three matmuls: 512-token fp32 feed-forward
     1.15x (docs/speed.md)."""
     weights = [onednn_weight(x, m) for m in (gate, up)]
     if None not in weights:
         op = torch.ops.mkldnn._linear_pointwise
         h = op.binary(x, op(x, weights[0], None, "swish", [], ""), weights[1], None, "mul")
-        return linear(h, down) if residual is None else linear_add(h, down, residual)
-    g, u = project(x, gate, up)  # one kernel call when compiled
-    h = F.silu(g) * u
+    else:
+        g, u = project(x, gate, up)  # one kernel call when compiled
+        h = F.silu(g) * u
     return linear(h, down) if residual is None else linear_add(h, down, residual)
 
 

@@ -11,9 +11,9 @@ through `scaled_dot_product_attention`; inference goes through a `RollingKVCache
 Speed: per-forward work (RoPE angles, the attention mask as an additive bias, the key span each
 block of queries sees) is done once, not per layer; a masked prefill attends per block of queries
 (`key_spans`); the linears' pointwise neighbours (SiLU, gate x up, residual adds) ride on oneDNN's
-matmuls where it runs them (`fast.swiglu`, `fast.linear_add`); the one-token decode step can be compiled with `compile_decode()` (torch.compile:
-CPU inductor with the memory-reading tricks of `fast.py`, CUDA graphs on GPU). Measured
-figures: README "Speed", `benchmarks/`.
+matmuls where it runs them (`fast.swiglu`, `fast.linear_add`); the one-token decode step can be
+compiled with `compile_decode()` (torch.compile: CPU inductor with the memory-reading tricks of
+`fast.py`, CUDA graphs on GPU). Measured figures: README "Speed", docs/speed.md, `benchmarks/`.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def key_spans(bias: torch.Tensor, block: int | None = None) -> list[KeySpan] | N
     index = torch.arange(S, device=bias.device)
     lo = torch.where(seen, index, S).amin(1).tolist()
     hi = (torch.where(seen, index, -1).amax(1) + 1).tolist()
-    spans = [(i * block, min(T, (i + 1) * block), l, h) if l < h else (i * block, min(T, (i + 1) * block), 0, S)
+    spans = [(i * block, min(T, (i + 1) * block), *((l, h) if l < h else (0, S)))
              for i, (l, h) in enumerate(zip(lo, hi))]
     if sum((b - a) * (h - l) for a, b, l, h in spans) > 5 / 6 * T * S:
         return None
