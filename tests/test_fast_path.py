@@ -844,7 +844,9 @@ def test_key_spans_hold_every_visible_key():
 def test_plain_fp32_forwards_run_through_onednn_with_fused_pointwise_work(monkeypatch):
     """An eager fp32 inference forward (a prefill, a decode step) multiplies every linear of the
     plain model through oneDNN (SiLU, product and residual adds fused), with transformers'
-    logits; autograd and a module with a forward hook (evaluate's on lm_head) go through the module."""
+    logits; autograd, a module with a forward hook (evaluate's on lm_head) and products too small
+    to pay for oneDNN's fixed cost go through the module."""
+    monkeypatch.setattr(fast, "PLAIN_ONEDNN_MIN_MACS", 0)  # a tiny model's products are all small
     model = tiny_model(seed=64, sliding_window=8)
     tokens = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(65))
     with torch.no_grad():
@@ -866,12 +868,20 @@ def test_plain_fp32_forwards_run_through_onednn_with_fused_pointwise_work(monkey
     with torch.inference_mode():
         model(tokens)
     assert hooked == [(2, 30, 64)] and ("lm_head", False) in calls
+    monkeypatch.setattr(fast, "PLAIN_ONEDNN_MIN_MACS", 64 * 160 + 1)  # more than any one-row product here
+    calls.clear()
+    decode(model, tokens[:1], 29)  # a prefill of 29 rows, then one decode step
+    layer = [fused for name, fused in calls if name.startswith("model.layers.0.")]
+    # prefill: q, k, v, o, gate, up, down through oneDNN; the step: q, k, v, o, gate (then up
+    # without asking), down through their modules
+    assert layer == [True] * 7 + [False] * 6, layer
 
 
 @pytest.mark.skipif(not fast.packing_supported(torch.bfloat16), reason="oneDNN runs no bf16 here")
 def test_bf16_prefill_with_fused_pointwise_work_is_as_close_to_fp32(monkeypatch):
     """oneDNN's post-ops keep SiLU, product and residual add in fp32 before one rounding: the bf16
     prefill's logits are no farther from fp32 transformers' than the unfused path's (packed and plain)."""
+    monkeypatch.setattr(fast, "PLAIN_ONEDNN_MIN_MACS", 0)  # a tiny model's products are all small
     tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(67))
     with torch.no_grad():
         ref = hf_twin(tiny_model(seed=66, sliding_window=8))(tokens).logits  # fp32

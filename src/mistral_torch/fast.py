@@ -251,24 +251,34 @@ def compiled_projection(x: torch.Tensor, linears: tuple[PackedLinear, ...]) -> t
     return y.split(sizes, dim=-1) if len(linears) > 1 else (y,)
 
 
+# Below this many multiply-adds a call, oneDNN's fixed cost (~20 us) loses to the BLAS (alone, fp32:
+# one row of 256 x 256 0.27x, of 768 x 256 0.61x, of 1024 x 1024 1.40x). Eager fp32 decode, one
+# process (docs/speed.md): the shipped model 173 tok/s at 2^18, 165 with every product through
+# oneDNN, 148 with none; bench-125m 39.0, 39.5 and 25.7.
+PLAIN_ONEDNN_MIN_MACS = 2**18
+
+
 @functools.lru_cache(maxsize=None)
 def plain_onednn(dtype: torch.dtype, device_type: str = "cpu") -> bool:
     """Whether eager inference matmuls on plain (unpacked) weights of `dtype` go to oneDNN:
     bf16/fp16 where it runs them natively (F.linear calls it anyway; its post-ops then fuse the
     SwiGLU and the residual adds), fp32 on AVX-512 CPUs, where it reorders the weight per call
-    and still beats MKL's sgemm at every row count measured: 1.4-2.8x for 1-8 rows (the eager
-    decode step 1.4x at batch 1, 1.7x at batch 4), 1.2-2.4x for 16-512 (docs/speed.md). On AVX2
-    it was not measured faster."""
+    and still beats MKL's sgemm at every row count measured on bench-125m's weights: 1.4-3.6x for
+    1-8 rows (the eager decode step 1.4x at batch 1, 1.7x at batch 4), 1.2-2.4x for 16-512
+    (docs/speed.md); small products stay with the BLAS (`PLAIN_ONEDNN_MIN_MACS`). On AVX2 it was
+    not measured faster."""
     if not packing_supported(dtype, device_type):
         return False
     return dtype != torch.float32 or avx512()
 
 
 def _plain_onednn_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether an eager inference `x @ w.t()` on a plain weight goes to oneDNN (`plain_onednn`)."""
-    return (not torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.dtype == w.dtype
-            and type(w) in (torch.Tensor, nn.Parameter) and type(x) is torch.Tensor  # not DTensors (FSDP)
-            and plain_onednn(w.dtype, w.device.type) and not torch.is_autocast_enabled(x.device.type))
+    """Whether an eager inference `x @ w.t()` on a plain weight goes to oneDNN (`plain_onednn`;
+    from `PLAIN_ONEDNN_MIN_MACS` multiply-adds)."""
+    return (x.numel() // x.shape[-1] * w.numel() >= PLAIN_ONEDNN_MIN_MACS and x.dtype == w.dtype
+            and plain_onednn(w.dtype, w.device.type) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+            and type(w) in (torch.Tensor, nn.Parameter) and type(x) is torch.Tensor)  # not DTensors (FSDP)
 
 
 def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -284,16 +294,14 @@ def onednn_weight(x: torch.Tensor, m: nn.Module) -> torch.Tensor | None:
     `PackedLinear`'s packed copy (more rows than `small_linear` takes), or a plain `nn.Linear`'s
     own weight (`plain_onednn`); None where `m(x)` should run as it is (autograd, a compiled
     graph, autocast, other modules, forward hooks to honour)."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled() or m._forward_hooks or m._forward_pre_hooks:
+    if torch.compiler.is_compiling() or m._forward_hooks or m._forward_pre_hooks:
         return None  # first: inside a graph nothing below is traced
-    if type(m) is PackedLinear:
-        if (m.kernel() != "onednn" or m.takes_small(x) or x.dtype != m.weight.dtype
-                or torch.is_autocast_enabled(x.device.type)):
-            return None
-        return m._packed_weight(m.weight)
-    if type(m) is nn.Linear and m.bias is None and _plain_onednn_takes(x, m.weight):
-        return m.weight
-    return None
+    if type(m) is nn.Linear:  # the cheap checks first: this runs for every linear of every step
+        return m.weight if m.bias is None and _plain_onednn_takes(x, m.weight) else None
+    if (type(m) is not PackedLinear or torch.is_grad_enabled() or m.kernel() != "onednn" or m.takes_small(x)
+            or x.dtype != m.weight.dtype or torch.is_autocast_enabled(x.device.type)):
+        return None
+    return m._packed_weight(m.weight)
 
 
 def linear(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
@@ -316,13 +324,16 @@ def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module,
     """`[residual +] down(silu(gate(x)) * up(x))`. Through oneDNN (eager inference) the SiLU, the
     product and the residual add are post-ops of the three matmuls: 512-token fp32 feed-forward
     1.15x (docs/speed.md)."""
-    weights = [onednn_weight(x, m) for m in (gate, up)]
-    if None not in weights:
+    wg = onednn_weight(x, gate)
+    wu = None if wg is None else onednn_weight(x, up)
+    if wu is not None:
         op = torch.ops.mkldnn._linear_pointwise
-        h = op.binary(x, op(x, weights[0], None, "swish", [], ""), weights[1], None, "mul")
-    else:
-        g, u = project(x, gate, up)  # one kernel call when compiled
+        h = op.binary(x, op(x, wg, None, "swish", [], ""), wu, None, "mul")
+    elif torch.compiler.is_compiling():
+        g, u = project(x, gate, up)  # one kernel call
         h = F.silu(g) * u
+    else:
+        h = F.silu(gate(x)) * up(x)
     return linear(h, down) if residual is None else linear_add(h, down, residual)
 
 
