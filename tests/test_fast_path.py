@@ -898,3 +898,41 @@ def test_bf16_prefill_with_fused_pointwise_work_is_as_close_to_fp32(monkeypatch)
         plain_err = (plain_logits.float() - ref).abs().max()
         assert not torch.equal(fused_logits, plain_logits), pack  # the fused path ran
         assert fused_err <= 1.25 * plain_err + 1e-3, (pack, fused_err, plain_err)
+
+
+@pytest.mark.skipif(not fast.plain_onednn(torch.float32), reason="fp32 matmuls stay with the BLAS on this CPU")
+def test_linears_without_a_packed_copy_still_run_through_onednn(monkeypatch):
+    """`PackedLinear`s that keep no packed copy (`compile_decode(pack=False)`, AOT, or too little
+    memory for the copy) multiply eager prefill rows through oneDNN on the weight as it is, fused
+    like the plain model's, with transformers' logits."""
+    monkeypatch.setattr(fast, "PLAIN_ONEDNN_MIN_MACS", 0)  # a tiny model's products are all small
+    model = tiny_model(seed=68, sliding_window=8)
+    tokens = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(69))
+    with torch.no_grad():
+        want = hf_twin(model)(tokens).logits
+    assert fast.pack_linears(model, onednn=False) == 7 * model.args.n_layers + 1
+    x = torch.randn(2, 30, 64)
+    with torch.inference_mode():
+        assert fast.onednn_weight(x, model.lm_head) is model.lm_head.weight  # the weight itself, no copy
+        got, _ = model(tokens)
+    assert (got - want).abs().max() <= TOL
+    assert all(m._packed is None for m in model.modules() if isinstance(m, fast.PackedLinear))
+
+
+@needs_onednn
+def test_compile_decode_keeps_no_packed_copy_that_would_crowd_memory(monkeypatch):
+    """On AVX-512 CPUs the packed copy is optional (it speeds prefill): it is declined when it
+    would take more than half the memory available."""
+    model = tiny_model(seed=70)
+    need = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(fast, "memory_available", lambda: 2 * need - 1)
+    assert not fast.packed_copy_fits(model)
+    monkeypatch.setattr(fast, "memory_available", lambda: 2 * need)
+    assert fast.packed_copy_fits(model)
+    if fast.avx512() and fast.cpp_kernels():
+        monkeypatch.setattr(fast, "memory_available", lambda: 2 * need - 1)
+        model.compile_decode()
+        assert not any(m.onednn for m in model.modules() if isinstance(m, fast.PackedLinear))
+        monkeypatch.setattr(fast, "memory_available", lambda: None)  # unknown: pack
+        model.compile_decode()
+        assert all(m.onednn for m in model.modules() if isinstance(m, fast.PackedLinear))

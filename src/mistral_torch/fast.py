@@ -202,7 +202,7 @@ class PackedLinear(nn.Linear):
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(w), None, "none", [], "")
         if kernel == "upcast" and upcast_pays(x):
             return upcast_linear(x, w)
-        return F.linear(x, w)
+        return plain_linear(x, w)  # no packed copy: oneDNN on the weight as it is, where that pays
 
     def takes_small(self, x: torch.Tensor, w: torch.Tensor | None = None) -> bool:
         """Whether `x` goes through the C++ `small_linear` (`small` set, at most `SMALL_MAX_ROWS`
@@ -298,8 +298,11 @@ def onednn_weight(x: torch.Tensor, m: nn.Module) -> torch.Tensor | None:
         return None  # first: inside a graph nothing below is traced
     if type(m) is nn.Linear:  # the cheap checks first: this runs for every linear of every step
         return m.weight if m.bias is None and _plain_onednn_takes(x, m.weight) else None
-    if (type(m) is not PackedLinear or torch.is_grad_enabled() or m.kernel() != "onednn" or m.takes_small(x)
-            or x.dtype != m.weight.dtype or torch.is_autocast_enabled(x.device.type)):
+    if type(m) is not PackedLinear or m.takes_small(x):
+        return None
+    if m.kernel() != "onednn":  # no packed copy (`pack=False`, AOT): like a plain linear
+        return m.weight if _plain_onednn_takes(x, m.weight) else None
+    if torch.is_grad_enabled() or x.dtype != m.weight.dtype or torch.is_autocast_enabled(x.device.type):
         return None
     return m._packed_weight(m.weight)
 
@@ -353,6 +356,26 @@ def pack_linears(model: nn.Module, onednn: bool = True) -> int:
     return _replace(model, lambda m: type(m) is nn.Linear and m.bias is None
                     and multi_row_kernel(m.weight.dtype, m.weight.device.type) is not None,
                     lambda m: PackedLinear.from_linear(m, onednn))
+
+
+def memory_available() -> int | None:
+    """Bytes of memory available now (Linux: MemAvailable in /proc/meminfo), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def packed_copy_fits(model: nn.Module) -> bool:
+    """Whether oneDNN's packed copy of `model`'s linear weights (as many bytes again) would take at
+    most half the memory available now; True where that is unknown."""
+    need = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
+    free = memory_available()
+    return free is None or 2 * need <= free
 
 
 def unpack_linears(model: nn.Module) -> int:

@@ -347,9 +347,10 @@ class Transformer(nn.Module):
         each linear into a one-row reduction (`fast.one_row_linear`). Several rows beyond that
         (larger batches, eager prefill) take the fastest kernel this CPU has for the dtype:
         oneDNN with a packed copy of the weight (one extra copy of the linear weights; by default
-        when the C++ kernels are off, or on AVX-512 CPUs without `aot`; `pack` forces it on or
-        off), or for bf16/fp16 without native hardware an fp32 matmul on the weight upcast block
-        by block (no copy kept).
+        when the C++ kernels are off, or on AVX-512 CPUs without `aot` where the copy takes at most
+        half the memory available (`fast.packed_copy_fits`); `pack` forces it on or off), oneDNN
+        on the weight as it is (AVX-512 without the copy: ~6 % slower prefill), or for bf16/fp16
+        without native hardware an fp32 matmul on the weight upcast block by block (no copy kept).
         Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
 
@@ -366,9 +367,10 @@ class Transformer(nn.Module):
         use_kernels = cpu_inductor and kernels is not False and fast.cpp_kernels()  # built once
         # oneDNN's packed copy: where the C++ kernels are off (it takes the decode rows), and on
         # AVX-512 CPUs (it takes the prefill rows: 1.03-1.33x oneDNN on the plain weight there,
-        # 1.06x a 512-token fp32 prefill; docs/speed.md) unless the step is to be compiled ahead
-        # of time, which cannot call it
-        onednn = pack if pack is not None else not use_kernels or (fast.avx512() and not aot)
+        # 1.06x a 512-token fp32 prefill; docs/speed.md) where the copy takes at most half the
+        # memory available, unless the step is to be compiled ahead of time, which cannot call it
+        onednn = pack if pack is not None else not use_kernels or (fast.avx512() and not aot
+                                                                    and fast.packed_copy_fits(self))
         if cpu_inductor:
             fast.pack_linears(self)
             if fast.HUGE_PAGES:
