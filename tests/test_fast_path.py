@@ -936,3 +936,9 @@ def test_compile_decode_keeps_no_packed_copy_that_would_crowd_memory(monkeypatch
         monkeypatch.setattr(fast, "memory_available", lambda: None)  # unknown: pack
         model.compile_decode()
         assert all(m.onednn for m in model.modules() if isinstance(m, fast.PackedLinear))
+        with torch.inference_mode():
+            model(torch.randint(0, 512, (1, 40)))  # a prefill makes the packed copies
+        assert any(m._packed is not None for m in model.modules() if isinstance(m, fast.PackedLinear))
+        monkeypatch.setattr(fast, "memory_available", lambda: 2 * need - 1)
+        model.compile_decode()  # declined now: the copies go
+        assert all(m._packed is None for m in model.modules() if isinstance(m, fast.PackedLinear))

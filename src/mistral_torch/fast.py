@@ -199,7 +199,7 @@ class PackedLinear(nn.Linear):
             return small_linear(x, w)
         kernel = self.kernel(w)
         if kernel == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(w), None, "none", [], "")
+            return onednn_linear(x, self._packed_weight(w))
         if kernel == "upcast" and upcast_pays(x):
             return upcast_linear(x, w)
         return plain_linear(x, w)  # no packed copy: oneDNN on the weight as it is, where that pays
@@ -272,21 +272,30 @@ def plain_onednn(dtype: torch.dtype, device_type: str = "cpu") -> bool:
     return dtype != torch.float32 or avx512()
 
 
+def _eager_inference(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `x @ w.t()` may leave its module for oneDNN: no autograd, no compiled graph, no
+    autocast, and x already in the weight's dtype."""
+    return (x.dtype == w.dtype and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(x.device.type))
+
+
 def _plain_onednn_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether an eager inference `x @ w.t()` on a plain weight goes to oneDNN (`plain_onednn`;
     from `PLAIN_ONEDNN_MIN_MACS` multiply-adds)."""
-    return (x.numel() // x.shape[-1] * w.numel() >= PLAIN_ONEDNN_MIN_MACS and x.dtype == w.dtype
-            and plain_onednn(w.dtype, w.device.type) and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+    return (x.numel() // x.shape[-1] * w.numel() >= PLAIN_ONEDNN_MIN_MACS
+            and plain_onednn(w.dtype, w.device.type) and _eager_inference(x, w)
             and type(w) in (torch.Tensor, nn.Parameter) and type(x) is torch.Tensor)  # not DTensors (FSDP)
+
+
+def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`x @ w.t()` by oneDNN, `w` plain or packed (`_reorder_linear_weight`); x (..., K)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
 def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, w)` (no bias), through oneDNN where `plain_onednn` says (eager inference):
     what the plain model's linears run (`linear`)."""
-    if _plain_onednn_takes(x, w):
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-    return F.linear(x, w)
+    return onednn_linear(x, w) if _plain_onednn_takes(x, w) else F.linear(x, w)
 
 
 def onednn_weight(x: torch.Tensor, m: nn.Module) -> torch.Tensor | None:
@@ -302,15 +311,13 @@ def onednn_weight(x: torch.Tensor, m: nn.Module) -> torch.Tensor | None:
         return None
     if m.kernel() != "onednn":  # no packed copy (`pack=False`, AOT): like a plain linear
         return m.weight if _plain_onednn_takes(x, m.weight) else None
-    if torch.is_grad_enabled() or x.dtype != m.weight.dtype or torch.is_autocast_enabled(x.device.type):
-        return None
-    return m._packed_weight(m.weight)
+    return m._packed_weight(m.weight) if _eager_inference(x, m.weight) else None
 
 
 def linear(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
     """`m(x)`, through oneDNN where `onednn_weight` names a weight."""
     w = onednn_weight(x, m)
-    return m(x) if w is None else torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return m(x) if w is None else onednn_linear(x, w)
 
 
 def linear_add(x: torch.Tensor, m: nn.Module, residual: torch.Tensor) -> torch.Tensor:

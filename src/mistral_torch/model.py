@@ -379,6 +379,8 @@ class Transformer(nn.Module):
         for m in self.modules():  # also the PackedLinears of an earlier compile_decode
             if isinstance(m, fast.PackedLinear):
                 m.small, m.onednn = use_kernels, onednn
+                if not onednn:  # an earlier compile_decode's packed copy, no longer wanted
+                    m._packed, m._packed_key = None, None
             elif isinstance(m, Attention):
                 m.cpp_decode = use_kernels
         if kwargs.get("mode") is None:  # torch.compile takes a mode or options, not both
