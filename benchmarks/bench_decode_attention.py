@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode_attention.py                  # bench-125m, 4096 keys, fp32 / bf16 / int8 caches
     python benchmarks/bench_decode_attention.py --keys 128,4096 --rounds 20
+    python benchmarks/bench_decode_attention.py --avx2-int8     # + int8 without AVX512-VNNI, same rounds
 
 For each cache kind and number of keys: ms for one step's attention over every layer (one query
 per query head, the layer's own keys and values: at 4096 keys the step reads them from memory,
@@ -42,11 +43,12 @@ def caches(a: ModelArgs, keys: int, dtype: torch.dtype, cache: str, g: torch.Gen
     return out
 
 
-def step(q: torch.Tensor, bias: torch.Tensor, layers: list[tuple]) -> float:
-    t0 = time.perf_counter()
-    for k, v, ks, vs in layers:
-        fast.decode_attention(q, k, v, bias, ks, vs)
-    return time.perf_counter() - t0
+def step(q: torch.Tensor, bias: torch.Tensor, layers: list[tuple], vnni: bool = True) -> float:
+    with fast.int8_attention_vnni(vnni):
+        t0 = time.perf_counter()
+        for k, v, ks, vs in layers:
+            fast.decode_attention(q, k, v, bias, ks, vs)
+        return time.perf_counter() - t0
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -63,10 +65,12 @@ def run(args: argparse.Namespace) -> dict:
             nbytes = sum(t.numel() * t.element_size() for layer in layers for t in layer if t is not None)
             q = torch.randn(1, a.n_heads, 1, a.head_dim, generator=g).to(dtype)
             setups[(qd, cache)] = (q, torch.zeros(1, 1, 1, keys, dtype=dtype), layers, nbytes)
+        if args.avx2_int8:  # the int8 kinds again with the AVX2 form of the kernel (A/B where VNNI runs)
+            setups |= {(qd, "int8 AVX2"): setups[(qd, cache)] for qd, cache in list(setups) if cache == "int8"}
         times = {kind: [] for kind in setups}
         for r in range(args.rounds + 2):
             for kind, (q, bias, layers, _) in setups.items():
-                t = step(q, bias, layers)
+                t = step(q, bias, layers, vnni=kind[1] != "int8 AVX2")
                 if r >= 2:  # two warm-up rounds
                     times[kind].append(t)
         for (qd, cache), ts in times.items():
@@ -83,6 +87,8 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = common.side_by_side_parser(__doc__, "--keys", 12, "benchmarks/results/decode_attention.json")
     p.set_defaults(keys=[128, 4096])
+    p.add_argument("--avx2-int8", action="store_true",
+                   help="also time the int8 caches with the AVX2 kernel (AVX512-VNNI off), in the same rounds")
     return common.run_and_save(p.parse_args(argv), run)
 
 

@@ -5,6 +5,7 @@ memory along the way (flat once the window is full).
     python benchmarks/bench_long.py --dtype bf16 --compile
     python benchmarks/bench_long.py --compile --kv-cache int8   # int8 keys/values (a quarter of fp32's bytes)
     python benchmarks/bench_long.py --aot --kv-cache int8       # the batch-1 step compiled ahead of time
+    python benchmarks/bench_long.py --compile --kv-cache int8 --vnni-ab  # + far steps without AVX512-VNNI
     python benchmarks/bench_long.py --decode-all         # really decode every token up to 16k (slow)
 
 By default the sequence reaches 16k through chunked prefill (O(n·W), the window's chunks) and
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from mistral_torch import ModelArgs  # noqa: E402
+from mistral_torch import ModelArgs, fast  # noqa: E402
 from mistral_torch.cache import KV_DTYPES  # noqa: E402
 
 
@@ -90,12 +91,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  prefilled to {pos}: RSS {rss() / 2**20:.0f} MB, cache {long.nbytes() / 2**20:.0f} MB",
                       file=sys.stderr, flush=True)
             tok_l = common.greedy(logits)
-        near, far = [], []
+        near, far, far_avx2 = [], [], []
         for _ in range(args.repeats):
             r, tok_s = burst(model, tok_s, short, args.burst)
             near.append(r)
             r, tok_l = burst(model, tok_l, long, args.burst)
             far.append(r)
+            if args.vnni_ab:
+                with fast.int8_attention_vnni(False):
+                    r, tok_l = burst(model, tok_l, long, args.burst)
+                far_avx2.append(r)
     result = {
         "machine": common.machine(), "config": vars(args).copy(), "threads": threads,
         "compile_warmup_s": warmup if args.compile or args.aot else None,
@@ -107,6 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "memory": memory, "rates": rates, "peak_rss_MB": common.peak_rss() / 2**20,
     }
     result["ratio_far_near"] = result["tok_s_far"] / result["tok_s_near"]
+    if far_avx2:
+        result["tok_s_far_avx2_attention"] = statistics.median(far_avx2)
     # Growth = last minus first checkpoint once the window is full (the allocator's churn makes
     # single checkpoints move both ways; the range is kept beside it).
     after = [m["rss_MB"] for m in memory if m["position"] >= args.window]
@@ -114,6 +121,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["rss_range_after_window_MB"] = [min(after), max(after)] if after else None
     rows = [dict(position=f"~{result['position_near']}", tok_s=result["tok_s_near"]),
             dict(position=f"~{result['position_far']}", tok_s=result["tok_s_far"])]
+    if far_avx2:
+        rows.append(dict(position=f"~{result['position_far']}, AVX2 int8 attention",
+                         tok_s=result["tok_s_far_avx2_attention"]))
     label = args.dtype + ("" if args.kv_cache == "auto" else f", {args.kv_cache} cache")
     print(common.table(rows, [("position", "position", "s"), ("tok_s", f"decode tok/s ({label})", ".1f")]))
     if after:
@@ -138,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aot", action="store_true", help="compile the batch-1 step ahead of time (implies --compile)")
     p.add_argument("--kv-cache", default="auto", choices=sorted(KV_DTYPES),
                    help="what the cache holds: the model's dtype (auto) or int8 with per-vector scales")
+    p.add_argument("--vnni-ab", action="store_true",
+                   help="int8 cache: also time the far steps with the AVX2 form of the attention (A/B in one run)")
     p.add_argument("--decode-all", action="store_true", help="decode every position (slow) instead of prefilling")
     p.add_argument("--out", default="benchmarks/results/long.json")
     args = p.parse_args(argv)

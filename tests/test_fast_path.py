@@ -596,6 +596,41 @@ def test_bench_decode_attention_runs(tmp_path):
     assert all(r["ms"] > 0 for r in rows) and [r["speed"] for r in rows][::2] == [1.0, 1.0]
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@needs_kernels
+@pytest.mark.skipif(not {"avx512bw", "avx512_vnni"} <= _cpu_flags(), reason="no AVX512-VNNI: one form only")
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+def test_int8_decode_attention_vnni_equals_avx2(head_dim):
+    """The int8 cache's attention with AVX512-VNNI (`vpdpbusd` scores, `vpdpwssd` weighted sums)
+    gives the AVX2 kernel's results bit for bit: both sums are exact integers, added to the output in
+    the same blocks of 128 keys. Every group size, key counts around the kernels' steps and blocks
+    (1, 5, 16, 127-129, 300), masked keys, rows with different numbers of unmasked slots."""
+    from mistral_torch.cache import quantize_int8
+
+    g = torch.Generator().manual_seed(head_dim)
+    for group in range(1, 9):
+        for S in (1, 5, 16, 127, 128, 129, 300):
+            B, nkv = 2, 2
+            (k, ks), (v, vs) = (quantize_int8(torch.randn(B, nkv, S + 3, head_dim, generator=g) * 3) for _ in range(2))
+            k, v, ks, vs = k[:, :, :S], v[:, :, :S], ks[:, :, :S], vs[:, :, :S]
+            q = torch.randn(B, nkv * group, 1, head_dim, generator=g)
+            bias = torch.zeros(B, 1, 1, S).masked_fill(torch.rand(B, 1, 1, S, generator=g) < 0.3, float("-inf"))
+            bias[0, ..., -1] = 0.0
+            bias[1, ..., S // 2:] = float("-inf")  # the second row stops halfway
+            bias[1, ..., 0] = 0.0
+            got = fast.decode_attention(q, k, v, bias, ks, vs)
+            with fast.int8_attention_vnni(False):
+                want = fast.decode_attention(q, k, v, bias, ks, vs)
+            assert torch.equal(got, want), (group, S)
+            assert got.abs().sum() > 0
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [1, 3, 8])

@@ -39,6 +39,7 @@ import os
 import platform
 import warnings
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -553,3 +554,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     heads that share it, softmax in fp32; ~3x faster than SDPA here (docs/speed.md). An int8 cache
     (`cache.quantize_int8`) passes its keys and values as int8 with their scales (B, nkv, S)."""
     return torch.ops.mistral_torch_cpu.decode_attention(q, k, v, bias, k_scale, v_scale)
+
+
+@contextlib.contextmanager
+def int8_attention_vnni(on: bool) -> Iterator[None]:
+    """Within the block, whether the int8 decode attention may use AVX512-VNNI where the CPU has it
+    (the default) or keeps to its AVX2 form: the two give the same results bit for bit; for tests
+    and A/B runs in one process."""
+    before = torch.ops.mistral_torch_cpu.use_vnni(on)
+    try:
+        yield
+    finally:
+        torch.ops.mistral_torch_cpu.use_vnni(before)

@@ -563,18 +563,12 @@ void weighted_sum(const float* w, const T* v, int64_t ldv, int64_t S, int64_t D,
   }
 }
 
-// The weighted sum of an int8 cache's S values for G queries whose weights (`w`, G x S, value scales
-// included; `wmax`: each query's largest) are rounded to 16-bit integers (`w16`: scratch, G x (S + 1)),
-// in units of wmax / 32767. Two keys a step: their values interleaved and widened to 16 bits meet the
-// pair of weights in one `vpmaddwd` (8 sums of two products), accumulated in 32 bits: fewer
-// instructions and no chains of dependent FMAs, 1.5x faster than fp32 FMAs over widened values
-// (measured on L1-resident data). A block of 128 keys cannot overflow (64 pairs x 2 x 32767 x 127 <
-// 2^31); each block's sums are added to `out` in fp32.
+// The softmax weights of G queries (`w`, G x S, value scales included; `wmax`: each query's largest)
+// rounded to 16-bit integers in units of wmax / 32767 (`unit`), into `w16` (G rows of S2 = S rounded
+// up to whole pairs, the pad 0).
 template <int G>
-void weighted_sum_int8(const float* w, const float* wmax, const int8_t* v, int64_t ldv, int64_t S, int64_t D,
-                       int16_t* w16, float* out) {
-  const int64_t S2 = (S + 1) & ~int64_t(1);  // rows of w16, padded to whole pairs
-  float unit[G];
+void round_weights(const float* w, const float* wmax, int64_t S, int16_t* w16, float* unit) {
+  const int64_t S2 = (S + 1) & ~int64_t(1);
   for (int g = 0; g < G; ++g) {
     const float* row = w + g * S;
     unit[g] = wmax[g] / 32767.0f;
@@ -590,6 +584,18 @@ void weighted_sum_int8(const float* w, const float* wmax, const int8_t* v, int64
     for (; s < S; ++s) dst[s] = static_cast<int16_t>(std::nearbyint(row[s] * inv));
     if (S2 > S) dst[S] = 0;
   }
+}
+
+// The weighted sum of an int8 cache's S values for G queries with the weights `round_weights` made
+// (`w16`, `unit`). Two keys a step: their values interleaved and widened to 16 bits meet the
+// pair of weights in one `vpmaddwd` (8 sums of two products), accumulated in 32 bits: fewer
+// instructions and no chains of dependent FMAs, 1.5x faster than fp32 FMAs over widened values
+// (measured on L1-resident data). A block of 128 keys cannot overflow (64 pairs x 2 x 32767 x 127 <
+// 2^31); each block's sums are added to `out` in fp32.
+template <int G>
+void weighted_sum_int8(const int16_t* w16, const float* unit, const int8_t* v, int64_t ldv, int64_t S, int64_t D,
+                       float* out) {
+  const int64_t S2 = (S + 1) & ~int64_t(1);
   constexpr int64_t kKeys = 128;
   for (int64_t i = 0; i < G * D; ++i) out[i] = 0.0f;
   for (int64_t s0 = 0; s0 < S; s0 += kKeys) {
@@ -631,6 +637,130 @@ void weighted_sum_int8(const float* w, const float* wmax, const int8_t* v, int64
   }
 }
 
+// ---- the same integer arithmetic with AVX512-VNNI (Zen 4, Ice Lake and later; checked at run time)
+// The int8 kernels above are bound by instruction count, not memory: over 4096 keys they run as fast
+// from L3 as from memory (~16 GB/s of cache read). `vpdpbusd` multiplies 64 bytes by 64 bytes and
+// adds each four products into a 32-bit lane; `vpdpwssd` does the same for 32 int16 pairs. Both
+// sums are exact, as the AVX2 ones are, so both paths give the same scores and the same weighted
+// sums bit for bit (test_decode_attention_vnni_equals_avx2). `use_vnni(False)` turns this off (A/B).
+std::atomic<bool> vnni_allowed{true};
+
+bool vnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has && vnni_allowed.load(std::memory_order_relaxed);
+}
+
+bool use_vnni(bool on) { return vnni_allowed.exchange(on); }
+
+// The integer form of sum16: lane i of the result holds the sum of v[i]'s lanes.
+__attribute__((target("avx512f")))
+inline __m512i sum16_epi32(const __m512i* v) {
+  __m512i a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi64(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
+}
+
+// The raw dot products of KB keys (from `s` on) with G int8 queries, as int32 bits into `scores`
+// (G rows of S). `vpdpbusd` takes unsigned bytes times signed ones: the keys' sign bit flipped gives
+// k + 128, so each sum is q.k + 128 sum(q), and `bias128` (128 sum(q) per query) comes off.
+// G x KB <= 16 accumulators, summed across lanes together by one sum16_epi32.
+template <int G, int KB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
+inline void dots_vnni(const int8_t* q8, const int32_t* bias128, const int8_t* k, int64_t ldk, int64_t s, int64_t S,
+                      int64_t D, int32_t* scores) {
+  static_assert(G * KB <= 16, "16 accumulators");
+  __m512i acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t d = 0; d < D; d += 64)
+    for (int j = 0; j < KB; ++j) {
+      const __m512i kv = _mm512_xor_si512(_mm512_loadu_si512(k + (s + j) * ldk + d), flip);
+      for (int g = 0; g < G; ++g)
+        acc[j * G + g] = _mm512_dpbusd_epi32(acc[j * G + g], kv, _mm512_loadu_si512(q8 + g * D + d));
+    }
+  alignas(64) int32_t sums[16];
+  _mm512_store_si512(sums, sum16_epi32(acc));
+  for (int j = 0; j < KB; ++j)
+    for (int g = 0; g < G; ++g) scores[g * S + s + j] = sums[j * G + g] - bias128[g];
+}
+
+// Every key's raw dot products (D a multiple of 64) as fp32 scores, G rows of S: the values
+// dots_int8 stores.
+template <int G>
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void scores_vnni(const int8_t* q8, const int8_t* k, int64_t ldk, int64_t S, int64_t D, float* scores) {
+  constexpr int KB = 16 / G;
+  int32_t bias128[G];
+  for (int g = 0; g < G; ++g) {
+    int32_t sum = 0;
+    for (int64_t d = 0; d < D; ++d) sum += q8[g * D + d];
+    bias128[g] = 128 * sum;
+  }
+  int32_t* raw = reinterpret_cast<int32_t*>(scores);  // int32 first, fp32 in place below
+  int64_t s = 0;
+  for (; s + KB <= S; s += KB) dots_vnni<G, KB>(q8, bias128, k, ldk, s, S, D, raw);
+  for (; s < S; ++s) dots_vnni<G, 1>(q8, bias128, k, ldk, s, S, D, raw);
+  for (int64_t i = 0; i + 16 <= G * S; i += 16)
+    _mm512_storeu_ps(scores + i, _mm512_cvtepi32_ps(_mm512_loadu_si512(raw + i)));
+  for (int64_t i = G * S / 16 * 16; i < G * S; ++i) scores[i] = static_cast<float>(raw[i]);
+}
+
+// weighted_sum_int8's sums (the same int16 weights `w16`, G rows of S2, in units `unit`; the same
+// blocks of 128 keys, each added to `out` in fp32) with `vpdpwssd`, 32 of head_dim at a time
+// (D a multiple of 32): two keys' values widened to 16 bits and interleaved, (v_s, v_s+1) per
+// 32-bit lane, times the pair of weights (w_s, w_s+1).
+template <int G>
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void weighted_sum_vnni(const int16_t* w16, int64_t S2, const float* unit, const int8_t* v, int64_t ldv, int64_t S,
+                       int64_t D, float* out) {
+  constexpr int64_t kKeys = 128;
+  // lanes back to head_dim order: per 128-bit lane L, `lo` holds dims 8L..8L+3 and `hi` 8L+4..8L+7
+  const __m512i first16 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i last16 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t i = 0; i < G * D; ++i) out[i] = 0.0f;
+  for (int64_t s0 = 0; s0 < S; s0 += kKeys) {
+    const int64_t s1 = std::min(S, s0 + kKeys);
+    for (int64_t d = 0; d < D; d += 32) {
+      __m512i lo[G], hi[G];
+      for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm512_setzero_si512();
+      // the first two passes fetch the next block into L1, half of it each (as weighted_sum_int8)
+      const int64_t first = s1 + (d / 32) * (kKeys / 2);
+      const int64_t ahead = d < 64 ? std::clamp<int64_t>(S - first, 0, kKeys / 2) : 0;
+      for (int64_t s = s0; s < s1; s += 2) {
+        if ((s - s0) / 2 < ahead)
+          for (int64_t line = 0; line < D; line += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(v + (first + (s - s0) / 2) * ldv + line), _MM_HINT_T0);
+        const __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + s * ldv + d)));
+        const __m512i b = s + 1 < s1 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                           reinterpret_cast<const __m256i*>(v + (s + 1) * ldv + d)))
+                                     : _mm512_setzero_si512();
+        const __m512i x0 = _mm512_unpacklo_epi16(a, b), x1 = _mm512_unpackhi_epi16(a, b);
+        for (int g = 0; g < G; ++g) {
+          int32_t pair;
+          std::memcpy(&pair, w16 + g * S2 + s, sizeof pair);
+          const __m512i p = _mm512_set1_epi32(pair);
+          lo[g] = _mm512_dpwssd_epi32(lo[g], x0, p);
+          hi[g] = _mm512_dpwssd_epi32(hi[g], x1, p);
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        const __m512 u = _mm512_set1_ps(unit[g]);
+        float* o = out + g * D + d;
+        const __m512 y0 = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo[g], first16, hi[g]));
+        const __m512 y1 = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo[g], last16, hi[g]));
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(y0, u, _mm512_loadu_ps(o)));
+        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(y1, u, _mm512_loadu_ps(o + 16)));
+      }
+    }
+  }
+}
+
 // One kv head of one row: the G query heads that share it (q: G x D, arranged like x above and
 // pre-scaled) attend to its S keys/values (rows `ldk` / `ldv` elements apart), with `bias` (S values,
 // `bias_step` apart) added to every query's scores. An int8 cache passes the S scales of its keys and
@@ -657,6 +787,10 @@ void attend(const float* q, const T* k, const T* v, int64_t ldk, int64_t ldv, in
         for (int64_t d = 0; d < D; ++d) q8[g * D + d] = static_cast<int8_t>(std::nearbyint(q[g * D + d] * inv));
       }
       constexpr int KI = G <= 2 ? 4 : G <= 4 ? 2 : 1;
+      if (D % 64 == 0 && vnni()) {
+        scores_vnni<G>(q8, k, ldk, S, D, scores);
+        s = S;
+      }
       for (; s + KI <= S; s += KI) dots_int8<G, KI>(q8, k, ldk, s, S, D, scores);
       for (; s < S; ++s) dots_int8<G, 1>(q8, k, ldk, s, S, D, scores);
       finish_scores<Q, G>(qs, kscale, bias, bias_step, S, scores, mx);
@@ -688,9 +822,14 @@ void attend(const float* q, const T* k, const T* v, int64_t ldk, int64_t ldv, in
       wmax[g] = std::max(wmax[g], row[s]);
     }
   }
-  if constexpr (std::is_same_v<T, int8_t>)
-    weighted_sum_int8<G>(scores, wmax, v, ldv, S, D, w16, out);
-  else
+  if constexpr (std::is_same_v<T, int8_t>) {
+    float unit[G];
+    round_weights<G>(scores, wmax, S, w16, unit);
+    if (D % 32 == 0 && vnni())
+      weighted_sum_vnni<G>(w16, (S + 1) & ~int64_t(1), unit, v, ldv, S, D, out);
+    else
+      weighted_sum_int8<G>(w16, unit, v, ldv, S, D, out);
+  } else
     weighted_sum<T, G>(scores, v, ldv, S, D, out);
   for (int g = 0; g < G; ++g) {
     const float inv = total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
@@ -1111,6 +1250,7 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
 
 TORCH_LIBRARY(mistral_torch_cpu, m) {
   m.def("small_linear(Tensor x, Tensor[] ws) -> Tensor");
+  m.def("use_vnni(bool on) -> bool", &use_vnni);  // no tensors: a catch-all kernel
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
   m.def("decode_step(Tensor tokens, Tensor pos, Tensor slot_pos, int window, Tensor embed, Tensor[] layers, "
         "Tensor norm, Tensor lm_head, Tensor inv_freq, Tensor(a!)[] k, Tensor(b!)[] v, Tensor(c!)[] k_scale, "
