@@ -2,11 +2,12 @@
 
     python benchmarks/bench_decode.py                         # bench-125m, fp32 + bf16, batch 1 and 8
     python benchmarks/bench_decode.py --dtypes fp32 --batches 1 --no-compile
+    python benchmarks/bench_decode.py --dtypes bf16 --int8               # + int8 weights beside llama.cpp q8_0
     python benchmarks/bench_decode.py --device cuda --preset mistral-7b-v0.1 --dtypes bf16
     mistral-torch bench --model PATH                          # the same on a user's checkpoint
 
 All contenders hold the same random weights (llama.cpp: a GGUF written from them: f32 beside
-fp32, f16 beside bf16, and q8_0) and run interleaved, `--repeats` rounds, medians reported:
+fp32, f16 beside bf16, and q8_0, which `--int8` meets with our int8 weights) and run interleaved, `--repeats` rounds, medians reported:
 greedy decoding of `--new` tokens after a `--prompt`-token prompt. Reported per contender:
 decode tokens/s (all rows, after the first token), time to first token (prefill + first
 token), peak RSS (fresh process per contender, `--memory`), and % of the roofline, where the
@@ -147,6 +148,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fast = None if args.no_compile else common.twin(model)
         inductor = common.twin(model) if args.inductor_only and not args.no_compile else None
         aot = common.twin(model) if dev == "cpu" and 1 in prompts and not (args.no_compile or args.no_aot) else None
+        int8 = None  # int8 weights (`quantize_model(.., "int8")`: linears, LM head, embedding), beside q8_0
+        if args.int8 and dev == "cpu" and not args.no_compile:
+            from mistral_torch.quantize import quantize_model
+            int8 = quantize_model(common.twin(model), "int8")
         graph = None  # batches that the fused step takes: also torch.compile's step, for comparison
         if fast is not None and dev == "cpu" and any(b > 1 for b in prompts):
             graph = common.twin(model)
@@ -160,6 +165,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 meta[f"mistral-torch {mode} b{b}"] = dict(impl="mistral-torch", mode=mode, batch=b,
                                                           compile_warmup_s=warm)
                 print(f"  {dtype} b{b} {mode} warm-up {warm:.1f} s", file=sys.stderr, flush=True)
+            if int8 is not None:
+                fn, warm = compile_step(int8, args, prompt)
+                mode8 = "fused" if int8._fused_step is not None and b <= int8._fused_step.max_rows else "compiled"
+                name = f"mistral-torch int8 {mode8} b{b}"
+                contenders[name] = lambda p=prompt, fn=fn: ours(int8, p, args.new, fn)
+                meta[name] = dict(impl="mistral-torch", mode=f"int8 {mode8}", batch=b, compile_warmup_s=warm,
+                                  weight_bytes=common.weight_bytes_per_token(int8), weights="int8")
             if graph is not None and mode == "fused" and b > 1:
                 name = f"mistral-torch compiled b{b}"
                 fn, warm = compile_step(graph, args, prompt, fused=False)
@@ -222,7 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(row)
         for llm in llms:
             llm.close()
-        del llms, hf, model, fast, inductor, graph
+        del llms, hf, model, fast, inductor, graph, int8
         gc.collect()
     if args.memory and dev == "cpu":
         names = [r["name"] + "|" + r["dtype"] for r in rows if r["batch"] == 1]
@@ -257,6 +269,9 @@ def child(args: argparse.Namespace) -> None:
     """One contender alone in this process: build, warm up, generate; print peak RSS."""
     name, model, prompt = child_setup(args)
     if name.startswith("mistral-torch"):
+        if " int8 " in name:
+            from mistral_torch.quantize import quantize_model
+            quantize_model(model, "int8")
         aot = "AOT" in name
         fn = compile_step(model, args, prompt, aot=aot, fused=not aot)[0] if "eager" not in name else None
         ours(model, prompt, args.new, fn)
@@ -282,19 +297,24 @@ def summarize(results: dict[str, Any]) -> None:
             ("ttft_s", "TTFT s", ".3f"), ("pct_roofline", "% roofline", ".0f"),
             ("peak_rss_MB", "peak RSS MB", ".0f"), ("compile_warmup_s", "compile warm-up s", ".0f")]
     print(common.table(rows, cols))
-    best = lambda impl, b=1: max((r["tok_s"] for r in rows if r["impl"] == impl and r["batch"] == b), default=None)
+    def best(impl: str, dtype: str | None = None, b: int = 1, int8: bool = False) -> float | None:
+        return max((r["tok_s"] for r in rows if r["impl"] == impl and r["batch"] == b
+                    and (dtype is None or r["dtype"] == dtype) and (r.get("weights") == "int8") == int8), default=None)
+
     ours_best, hf_best = best("mistral-torch"), best("transformers")
     checks = {}
     if ours_best and hf_best:
         checks["best mistral-torch / best transformers eager (b1)"] = ours_best / hf_best
     for dtype in {r["dtype"] for r in rows}:
-        o1 = max((r["tok_s"] for r in rows if r["impl"] == "mistral-torch" and r["dtype"] == dtype and r["batch"] == 1), default=None)
-        o8 = max((r["tok_s"] for r in rows if r["impl"] == "mistral-torch" and r["dtype"] == dtype and r["batch"] == 8), default=None)
+        o1, o8 = best("mistral-torch", dtype), best("mistral-torch", dtype, 8)
         if o1 and o8:
             checks[f"{dtype}: batch-8 / batch-1 aggregate tok/s"] = o8 / o1
-        for r in rows:
-            if r["impl"] == "llama.cpp" and r["dtype"] == dtype and o1:
-                checks[f"{dtype}: best mistral-torch / llama.cpp {r['mode']}"] = o1 / r["tok_s"]
+        for r in rows:  # the same weight precision: fp32 / f32, bf16 or fp16 / f16, int8 / q8_0
+            if r["impl"] == "llama.cpp" and r["dtype"] == dtype:
+                ours_same = best("mistral-torch", dtype, int8=r["mode"] == "q8_0")
+                if ours_same:
+                    label = "mistral-torch int8" if r["mode"] == "q8_0" else "best mistral-torch"
+                    checks[f"{dtype}: {label} / llama.cpp {r['mode']}"] = ours_same / r["tok_s"]
     results["checks"] = checks
     for k, v in checks.items():
         print(f"{k}: {v:.2f}")
@@ -321,6 +341,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also the compiled step without the C++ kernels (compile_decode(kernels=False))")
     p.add_argument("--no-aot", action="store_true",
                    help="skip the batch-1 step compiled ahead of time (compile_decode(aot=True); CPU)")
+    p.add_argument("--int8", action="store_true",
+                   help="also our model with int8 weights (quantize_model(.., 'int8'); compiled/fused step)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     p.add_argument("--memory", action="store_true", help="also peak RSS per contender (fresh processes)")

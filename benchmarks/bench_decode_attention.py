@@ -44,7 +44,7 @@ def caches(a: ModelArgs, keys: int, dtype: torch.dtype, cache: str, g: torch.Gen
 
 
 def step(q: torch.Tensor, bias: torch.Tensor, layers: list[tuple], vnni: bool = True) -> float:
-    with fast.int8_attention_vnni(vnni):
+    with fast.int8_vnni(vnni):
         t0 = time.perf_counter()
         for k, v, ks, vs in layers:
             fast.decode_attention(q, k, v, bias, ks, vs)

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             r, tok_l = burst(model, tok_l, long, args.burst)
             far.append(r)
             if args.vnni_ab:
-                with fast.int8_attention_vnni(False):
+                with fast.int8_vnni(False):
                     r, tok_l = burst(model, tok_l, long, args.burst)
                 far_avx2.append(r)
     result = {

@@ -55,10 +55,15 @@ def hf_model(model: Transformer, attn: str = "sdpa"):
 
 
 def weight_bytes_per_token(model: Transformer) -> int:
-    """Bytes of weights one decode step reads: every matrix but the embedding table (one row)."""
-    a = model.args
-    size = model.lm_head.weight.element_size()
-    return (a.n_params - a.vocab_size * a.dim + (a.vocab_size * a.dim if a.tie_embeddings else 0) + a.dim) * size
+    """Bytes of weights one decode step reads: every tensor of the state dict but the embedding
+    table, of which one row; quantized modules at their stored size (int8 weights with their scales)."""
+    embed = model.model.embed_tokens
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied table once
+    table = {t.data_ptr() for t in embed.state_dict().values()}
+    if model.lm_head.weight.data_ptr() in table:  # tied: the LM head reads the whole table
+        table = set()
+    rows = embed.weight.shape[0]
+    return sum(t.nbytes if p not in table else t.nbytes // rows for p, t in tensors.items())
 
 
 # ---------------------------------------------------------------- machine measurements

@@ -625,7 +625,7 @@ def test_int8_decode_attention_vnni_equals_avx2(head_dim):
             bias[1, ..., S // 2:] = float("-inf")  # the second row stops halfway
             bias[1, ..., 0] = 0.0
             got = fast.decode_attention(q, k, v, bias, ks, vs)
-            with fast.int8_attention_vnni(False):
+            with fast.int8_vnni(False):
                 want = fast.decode_attention(q, k, v, bias, ks, vs)
             assert torch.equal(got, want), (group, S)
             assert got.abs().sum() > 0
@@ -799,7 +799,84 @@ def test_fused_decode_step_takes_only_what_it_can_run(monkeypatch):
     apply_lora(lora, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     decode(lora, tokens[:1], 18)  # new modules: the step is set up again, without the fused step
     assert lora._fused_step is None and not FusedDecoder.fits(lora)
-    assert not FusedDecoder.fits(quantize_model(tiny_model(seed=58, sliding_window=8), "int8"))
+    assert FusedDecoder.fits(quantize_model(tiny_model(seed=58, sliding_window=8), "int8"))
+    assert not FusedDecoder.fits(quantize_model(tiny_model(seed=58, sliding_window=8), "int4", group_size=32))
+    mixed = tiny_model(seed=58, sliding_window=8)  # q int8, k and v not: they are multiplied side by side
+    mixed.model.layers[0].self_attn.q_proj = quantize_model(tiny_model(seed=58), "int8").model.layers[0].self_attn.q_proj
+    assert not FusedDecoder.fits(mixed)
+
+
+@needs_kernels
+def test_small_linear_int8_multiplies_in_integers():
+    """`small_linear_int8`: x rounded to int16 per row (max |x| / 32767 a unit) times int8 weights
+    with their per-row scales, several weights side by side: within the rounding of x (half a unit
+    per element) of the exact product with the dequantized weights, for 1-17 rows, in_features not
+    a multiple of 32 (the masked tail) and over one 4096-element segment; bf16 x gives bf16 out.
+    Where the CPU has AVX512-VNNI its kernel equals the AVX2 one bit for bit. Bad weights or scales
+    are named."""
+    from mistral_torch.quantize import dequantize_int8, quantize_int8
+
+    g = torch.Generator().manual_seed(8)
+    vnni = {"avx512bw", "avx512vl", "avx512_vnni"} <= _cpu_flags()
+    for K in (16, 160, 768, 4112):
+        for rows in (1, 2, 3, 8, 9, 17):
+            ws, ss = zip(*(quantize_int8(torch.randn(N, K, generator=g)) for N in (37, 6)))
+            x = torch.randn(rows, K, generator=g) * 3
+            got = fast.small_linear_int8(x, ws, ss)
+            w = torch.cat([dequantize_int8(q, sc).double() for q, sc in zip(ws, ss)])
+            want = x.double() @ w.T
+            unit = x.abs().amax(1, keepdim=True).double() / 32767
+            bound = 0.5 * unit * w.abs().sum(1) + 1e-6 * (x.double().abs() @ w.abs().T)
+            assert got.shape == (rows, 43) and ((got.double() - want).abs() <= bound).all(), (K, rows)
+            if vnni:
+                with fast.int8_vnni(False):
+                    assert torch.equal(fast.small_linear_int8(x, ws, ss), got), (K, rows)
+    assert fast.small_linear_int8(x.bfloat16(), ws, ss).dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="int8 \\(N, K\\)"):
+        fast.small_linear_int8(x, [w.float() for w in ws], ss)
+    with pytest.raises(RuntimeError, match="scales must be contiguous float32 \\(N,\\)"):
+        fast.small_linear_int8(x, ws, [sc[:-1] for sc in ss])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_step_runs_int8_weights(dtype):
+    """A model quantized to int8 (linears, LM head, embedding) decodes through the fused step: from
+    a cache prefilled by the model with those weights dequantized, its steps give the dequantized
+    model's logits within the int16 rounding of the activations, closer than the eager int8 linears
+    (bf16 activations in torch's `_weight_int8pack_mm`): fp32 within 1e-3 of the logits' scale, bf16
+    no farther than the eager path. Three rows past the window of 8, over a cache of the model's
+    dtype and an int8 one."""
+    import copy
+
+    from mistral_torch.quantize import QuantizedLinear, quantize_model
+
+    torch.manual_seed(0)
+    quantized = quantize_model(tiny_model(seed=60, sliding_window=8).to(dtype), "int8")
+    dequantized = tiny_model(seed=0, sliding_window=8).to(dtype)
+    dequantized.load_state_dict({**{n + ".weight": m.dequantize(dtype) for n, m in quantized.named_modules()
+                                    if isinstance(m, QuantizedLinear)},
+                                 **dict(quantized.named_parameters())})
+    fused_model = copy.deepcopy(quantized).compile_decode()
+    assert fused_model._fused_step is not None
+    tokens = torch.randint(0, 512, (3, 24), generator=torch.Generator().manual_seed(61))
+    for kv in (None, torch.int8):
+        with torch.inference_mode():
+            _, prefilled = dequantized(tokens[:, :6], cache=dequantized.new_cache(3, kv_dtype=kv))
+            logits = {}
+            for name, m in (("eager", quantized), ("fused", fused_model), ("dequantized", dequantized)):
+                cache, steps = copy.deepcopy(prefilled), []
+                for t in range(6, tokens.shape[1]):
+                    out, cache = m(tokens[:, t:t + 1], cache=cache)
+                    steps.append(out.float())
+                logits[name] = torch.cat(steps, 1)
+        want = logits["dequantized"]
+        err = {name: (logits[name] - want).abs().max().item() for name in ("eager", "fused")}
+        if dtype == torch.float32:
+            assert err["fused"] <= 1e-3 * want.abs().max() and err["fused"] < err["eager"] / 4, err
+        else:
+            assert err["fused"] <= err["eager"], err
+    assert fused_model._fused_step.steps == 2 * 18
 
 
 @needs_kernels

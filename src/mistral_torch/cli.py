@@ -53,13 +53,13 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
     p.add_argument("--compile", action="store_true",
                    help="the fast decode step: on x86 AVX2/AVX-512 CPUs steps of up to 8 prompts (16 for small "
                         "models and, with AVX512_BF16, bf16 ones) run as one C++ call (~2.5x faster tokens, "
-                        "nothing to compile; the kernels build once, ~20 s) and larger batches, LoRA adapters "
-                        "and quantized weights through torch.compile (20-35 s warm-up the first "
+                        "int8 weights included: ~3.5x; nothing to compile; the kernels build once, ~20 s) and "
+                        "larger batches, LoRA adapters and int4/nf4 weights through torch.compile (20-35 s warm-up the first "
                         "time, ~5 s later from inductor's on-disk cache); elsewhere torch.compile for all, "
                         "fp32 weights packed for oneDNN (2x their memory)")
     p.add_argument("--aot", action="store_true",
                    help="--compile, with the one-prompt steps the fused C++ step does not take (LoRA adapters, "
-                        "quantized weights) compiled ahead of time by AOTInductor: one C++ call per token, "
+                        "int4/nf4 weights) compiled ahead of time by AOTInductor: one C++ call per token, "
                         "7-13 %% faster than torch.compile's on a CPU; ~30 s to build once, then loaded from "
                         "inductor's on-disk cache in about a second")
     add_kv_cache_flag(p)

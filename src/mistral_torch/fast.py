@@ -503,6 +503,8 @@ def cpp_kernels() -> bool:
         return False
     torch.library.register_fake("mistral_torch_cpu::small_linear")(
         lambda x, ws: x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in ws))))
+    torch.library.register_fake("mistral_torch_cpu::small_linear_int8")(
+        lambda x, ws, scales: x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in ws))))
     torch.library.register_fake("mistral_torch_cpu::decode_attention")(
         lambda q, k, v, bias, k_scale=None, v_scale=None: q.new_empty(q.shape))
     _kernels_loaded = True
@@ -538,6 +540,13 @@ def small_linear(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
     return torch.ops.mistral_torch_cpu.small_linear(x, list(weights))
 
 
+def small_linear_int8(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
+    """x @ (w * scale[:, None]).t() for int8 weights (N, K) with fp32 scales (N,), several side by
+    side as one; in x's dtype. x is rounded to int16 per row (max |x| / 32767 a unit) so that the
+    kernel multiplies in integers: `vpdpwssd` with AVX512-VNNI, `vpmaddwd` with AVX2."""
+    return torch.ops.mistral_torch_cpu.small_linear_int8(x, list(weights), list(scales))
+
+
 def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `decode_attention` takes this step: kernels loaded, CPU, a float q and k, v of its
     dtype or int8, head_dim a multiple of 16 with unit stride, at most 8 query heads per kv head."""
@@ -557,10 +566,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
 
 
 @contextlib.contextmanager
-def int8_attention_vnni(on: bool) -> Iterator[None]:
-    """Within the block, whether the int8 decode attention may use AVX512-VNNI where the CPU has it
-    (the default) or keeps to its AVX2 form: the two give the same results bit for bit; for tests
-    and A/B runs in one process."""
+def int8_vnni(on: bool) -> Iterator[None]:
+    """Within the block, whether the C++ int8 kernels (int8 weights, the int8 cache's attention)
+    may use AVX512-VNNI where the CPU has it (the default) or keep to their AVX2 forms: the two give
+    the same results bit for bit; for tests and A/B runs in one process."""
     before = torch.ops.mistral_torch_cpu.use_vnni(on)
     try:
         yield

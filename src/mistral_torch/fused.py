@@ -9,7 +9,8 @@ of `model.py`, over the model's own parameters and the cache's own buffers, with
 kernels the compiled step uses (`small_linear`, the decode attention). No compiler is involved,
 so there is no warm-up beyond building the kernels once per machine.
 
-It takes plain models only: `nn.Linear` weights of the model's dtype (not LoRA-wrapped or
+It takes plain models: `nn.Linear` weights of the model's dtype or int8 ones (`quantize.Int8Linear`,
+`Int8Embedding`: x rounded to int16 per row, multiplied in integers; not LoRA-wrapped or other
 quantized linears), the model's `RMSNorm`s, fp32/bf16/fp16, a cache of the model's dtype or int8,
 up to `max_rows` sequences, each continuing at its own next position (ragged batches included);
 the linears take the rows together, reading each weight once per 8 rows. Every other step goes
@@ -46,16 +47,29 @@ def bf16_dot_products(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and bool(supported())
 
 
+def _int8(module: nn.Module) -> bool:
+    from .quantize import Int8Embedding, Int8Linear
+
+    return type(module) in (Int8Linear, Int8Embedding)
+
+
+def _scales(module: nn.Module) -> torch.Tensor:
+    """An int8 module's fp32 scales (N,); for any other, an empty tensor (decode_step: not quantized)."""
+    return module.scales if _int8(module) else torch.empty(0)
+
+
 class FusedDecoder:
     """`decode_step` over one model's parameters (kept by reference: in-place updates are seen)."""
 
     def __init__(self, model: "Transformer") -> None:
         a = model.args
         self.model = model
-        self.layers = [t for layer in model.model.layers for t in (
-            layer.input_layernorm.weight, layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-            layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight, layer.post_attention_layernorm.weight,
-            layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight)]
+        modules = [m for layer in model.model.layers for m in (
+            layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+            layer.self_attn.o_proj, layer.post_attention_layernorm, layer.mlp.gate_proj, layer.mlp.up_proj,
+            layer.mlp.down_proj)]
+        self.layers = [m.weight for m in modules]
+        self.scales = [_scales(m) for m in (*modules, model.model.embed_tokens, model.lm_head)]
         # rope_cos_sin's inverse frequencies, computed as it computes them
         self.inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64).float() / a.head_dim))
         self.op = torch.ops.mistral_torch_cpu.decode_step
@@ -80,9 +94,15 @@ class FusedDecoder:
             linears += [at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
             norms += [layer.input_layernorm, layer.post_attention_layernorm]
         embed = model.model.embed_tokens
-        return (type(embed) is nn.Embedding and embed.weight.dtype == dtype and embed.weight.is_contiguous()
-                and all(type(m) in (nn.Linear, fast.PackedLinear) and m.bias is None and m.weight.dtype == dtype
-                        and m.weight.is_contiguous() for m in linears)
+        float_linear = (lambda m: type(m) in (nn.Linear, fast.PackedLinear) and m.bias is None
+                        and m.weight.dtype == dtype and m.weight.is_contiguous())
+        int8 = lambda m: _int8(m) and m.weight.is_contiguous() and m.scales.is_contiguous()  # noqa: E731
+        side_by_side = all(_int8(at.q_proj) == _int8(at.k_proj) == _int8(at.v_proj)
+                           and _int8(mlp.gate_proj) == _int8(mlp.up_proj)
+                           for at, mlp in ((la.self_attn, la.mlp) for la in model.model.layers))
+        return (((type(embed) is nn.Embedding and embed.weight.dtype == dtype) or int8(embed))
+                and embed.weight.is_contiguous() and side_by_side
+                and all(float_linear(m) or int8(m) for m in linears)
                 and all(type(m) is RMSNorm and m.eps == a.norm_eps and m.weight.dtype == dtype
                         and m.weight.is_contiguous() for m in norms))
 
@@ -94,4 +114,4 @@ class FusedDecoder:
         return self.op(
             tokens.long().contiguous(), cache.next_pos, cache.slot_pos, m.args.sliding_window or 0,
             m.model.embed_tokens.weight, self.layers, m.model.norm.weight, m.lm_head.weight, self.inv_freq,
-            cache.k, cache.v, cache.k_scale, cache.v_scale, m.args.n_heads, m.args.norm_eps)
+            cache.k, cache.v, cache.k_scale, cache.v_scale, m.args.n_heads, m.args.norm_eps, self.scales)

@@ -335,8 +335,8 @@ class Transformer(nn.Module):
         length, so one compilation serves every position); with `mode="reduce-overhead"` (CUDA
         graphs) the buffers start at full capacity, so every step has the same shapes. The first
         step compiles: 20-35 s on a CPU, again for batch 1 vs larger batches; inductor's on-disk
-        caches make that ~5 s in later processes. (Steps of up to 8 or 16 rows of plain models on x86
-        AVX2 and AVX-512 CPUs skip it: `fused` below.)
+        caches make that ~5 s in later processes. (Steps of up to 8 or 16 rows of plain or int8 models
+        on x86 AVX2 and AVX-512 CPUs skip it: `fused` below.)
 
         On CPU the linears become `fast.PackedLinear`s (same parameters and state-dict keys). On an
         x86 CPU with AVX2 or AVX-512 `kernels` (default: wherever they build) adds two small C++
@@ -354,8 +354,8 @@ class Transformer(nn.Module):
         Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
 
-        `fused` (default; with the C++ kernels, no mode): steps of plain models (no LoRA or
-        quantized linears) of up to 8 rows (16 for small models and, with AVX512_BF16, bf16 ones),
+        `fused` (default; with the C++ kernels, no mode): steps of plain models (float or int8
+        weights; no LoRA, int4 or nf4 linears) of up to 8 rows (16 for small models and, with AVX512_BF16, bf16 ones),
         each continuing at its next position, run as one C++ call (`fused.py`) that nothing
         compiles, so they start at once; the compiled step (torch.compile, or for batch 1 with
         `aot=True` the same graph compiled ahead of time by AOTInductor, `aot.py`, its package

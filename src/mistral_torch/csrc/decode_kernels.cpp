@@ -155,6 +155,32 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
+// The integer form of sum16: lane i of the result holds the sum of v[i]'s lanes.
+__attribute__((target("avx512f")))
+inline __m512i sum16_epi32(const __m512i* v) {
+  __m512i a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi64(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
+}
+
+// AVX512-VNNI (Zen 4, Ice Lake and later): the int8 weights' and the int8 cache's integer dot products.
+bool has_avx512_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+// The int8 kernels take AVX512-VNNI where the CPU has it, unless `use_vnni(false)` (tests and A/B
+// runs: the AVX2 forms give the same results bit for bit).
+std::atomic<bool> vnni_allowed{true};
+bool vnni() { return has_avx512_vnni() && vnni_allowed.load(std::memory_order_relaxed); }
+bool use_vnni(bool on) { return vnni_allowed.exchange(on); }
+
 // 64 bytes of weights (or x) and what one instruction does with them, for rows_kernel_avx512:
 // bf16 pairs through `vdpbf16ps`, or fp32 through a 512-bit FMA.
 template <typename E> struct Wide;
@@ -250,23 +276,138 @@ void rows_kernel_avx512(const E* x, const E* w, float* y, int64_t ldy, int64_t K
 template <typename T>
 struct Stack {
   std::vector<const T*> weights;
+  std::vector<const float*> scales;  // int8 weights: one fp32 scale per output row
   std::vector<int64_t> starts{0};
-  void add(const at::Tensor& w) {
+  void add(const at::Tensor& w, const at::Tensor* scale = nullptr) {
     weights.push_back(w.const_data_ptr<T>());
+    scales.push_back(scale ? scale->const_data_ptr<float>() : nullptr);
     starts.push_back(starts.back() + w.size(0));
   }
 };
 
+// ---- int8 weights (`quantize.Int8Linear`: one fp32 scale per output row)
+// x is rounded to int16 per row (`quantize_rows16`: max |x| / 32767 a unit, finer than bf16 for
+// every element above 1/128 of the row's largest), so that each product is an exact integer:
+// int8 weights widened to int16 meet x in `vpdpwssd` (AVX512-VNNI: 32 products into 16 lanes) or
+// `vpmaddwd` (AVX2: 16 into 8). Sums stay exact in 32 bits over segments of 4096 elements; then
+// y = float(sum) * (x's unit * the row's scale). Decode reads 1 byte a weight: at bench-125m a
+// quarter of fp32's stream.
+constexpr int64_t kInt8Segment = 4096;  // 4096 / 8 lanes x 2 products x 127 x 32767 < 2^31 (AVX2)
+
+template <typename X>
+void quantize_rows16(const X* x, int64_t rows, int64_t K, int16_t* x16, float* unit) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const X* xm = x + m * K;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(xm[k])));
+    unit[m] = amax / 32767.0f;
+    const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+    for (int64_t k = 0; k < K; ++k) x16[m * K + k] = static_cast<int16_t>(std::nearbyint(static_cast<float>(xm[k]) * inv));
+  }
+}
+
+// RR int8 weight rows (K apart, from `row`; scales `ws`) times M int16 rows of x (units `xu`) into
+// y's columns (M rows, ldy apart): one accumulator per pair of rows, 32 elements a step.
+template <int M, int RR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
+inline void int8_rows_vnni(const int16_t* x, const float* xu, const int8_t* row, const float* ws, float* y, int64_t ldy,
+                           int64_t K) {
+  static_assert(M * RR <= 16, "16 accumulators");
+  constexpr int64_t kPrefetch = 8 << 10;  // bytes ahead
+  float total[M * RR] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kInt8Segment) {
+    const int64_t k1 = std::min(K, k0 + kInt8Segment);
+    __m512i acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k1; k += 32) {
+      const __mmask32 lanes = k + 32 <= K ? __mmask32(0xFFFFFFFF) : __mmask32(0xFFFF);  // K: a multiple of 16
+      __m512i wv[RR];
+      for (int r = 0; r < RR; ++r) {
+        if (!(k & 63)) _mm_prefetch(reinterpret_cast<const char*>(row + r * K + k) + kPrefetch, _MM_HINT_T1);
+        wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lanes, row + r * K + k));
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512i xv = _mm512_maskz_loadu_epi16(lanes, x + m * K + k);
+        for (int r = 0; r < RR; ++r) acc[m * RR + r] = _mm512_dpwssd_epi32(acc[m * RR + r], wv[r], xv);
+      }
+    }
+    alignas(64) int32_t sums[16];
+    _mm512_store_si512(sums, sum16_epi32(acc));
+    for (int i = 0; i < M * RR; ++i) total[i] += static_cast<float>(sums[i]);
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < RR; ++r) y[m * ldy + r] = total[m * RR + r] * (xu[m] * ws[r]);
+}
+
+// int8_rows_vnni with AVX2: 16 elements a step, up to 8 accumulators.
+template <int M, int RR>
+inline void int8_rows_avx2(const int16_t* x, const float* xu, const int8_t* row, const float* ws, float* y, int64_t ldy,
+                           int64_t K) {
+  static_assert(M * RR <= 8, "8 accumulators");
+  constexpr int64_t kPrefetch = 8 << 10;
+  float total[M * RR] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kInt8Segment) {
+    const int64_t k1 = std::min(K, k0 + kInt8Segment);
+    __m256i acc[M * RR];
+    for (int i = 0; i < M * RR; ++i) acc[i] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 16) {
+      for (int r = 0; r < RR; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + r * K + k) + kPrefetch, _MM_HINT_T1);
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + r * K + k)));
+        for (int m = 0; m < M; ++m)
+          acc[m * RR + r] = _mm256_add_epi32(acc[m * RR + r], _mm256_madd_epi16(
+              wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K + k))));
+      }
+    }
+    for (int i = 0; i < M * RR; ++i) {
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[i]);
+      int32_t sum = 0;
+      for (int j = 0; j < 8; ++j) sum += lanes[j];
+      total[i] += static_cast<float>(sum);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < RR; ++r) y[m * ldy + r] = total[m * RR + r] * (xu[m] * ws[r]);
+}
+
+
+// `count` int8 weight rows times M rows of x (int16, units xu), two rows at a time: more rows a pass
+// (more accumulators) spill their row pointers and fall behind the stream (bench-125m, fp32 model
+// with int8 weights, batch 1, Zen 4: 16 rows ~170 tok/s, 8 ~220, 4 ~255, 2 ~290).
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void int8_kernel_vnni(const int16_t* x, const float* xu, const int8_t* w, const float* ws, float* y, int64_t ldy,
+                      int64_t K, int64_t count) {
+  constexpr int RR = 2;
+  int64_t n = 0;
+  for (; n + RR <= count; n += RR) int8_rows_vnni<M, RR>(x, xu, w + n * K, ws + n, y + n, ldy, K);
+  for (; n < count; ++n) int8_rows_vnni<M, 1>(x, xu, w + n * K, ws + n, y + n, ldy, K);
+}
+
+template <int M>
+void int8_kernel(const int16_t* x, const float* xu, const int8_t* w, const float* ws, float* y, int64_t ldy, int64_t K,
+                 int64_t count) {
+  if (vnni()) return int8_kernel_vnni<M>(x, xu, w, ws, y, ldy, K, count);
+  constexpr int RR = M <= 4 ? 2 : 1;
+  int64_t n = 0;
+  for (; n + RR <= count; n += RR) int8_rows_avx2<M, RR>(x, xu, w + n * K, ws + n, y + n, ldy, K);
+  for (; n < count; ++n) int8_rows_avx2<M, 1>(x, xu, w + n * K, ws + n, y + n, ldy, K);
+}
+
 // x: arranged fp32 (rows_kernel; natural order for fp32 weights, as rows_kernel_avx512 reads it), or
 // bf16 bits in natural order (rows_kernel_avx512: bf16 weights).
+// int8 weights: x is int16 (quantize_rows16) with its units `xu`.
 template <typename T, int M, typename X>
-void pass(const X* x, const Stack<T>& stack, float* y, int64_t ldy, int64_t K) {
+void pass(const X* x, const Stack<T>& stack, float* y, int64_t ldy, int64_t K, const float* xu) {
   const auto rows = [&](int64_t n0, int64_t n1) {
     for (size_t i = 0; i < stack.weights.size(); ++i) {
       const int64_t lo = std::max(n0, stack.starts[i]), hi = std::min(n1, stack.starts[i + 1]);
       if (lo >= hi) continue;
       const T* w = stack.weights[i] + (lo - stack.starts[i]) * K;
-      if constexpr (std::is_same_v<X, uint16_t>)
+      if constexpr (std::is_same_v<T, int8_t>)
+        int8_kernel<M>(x, xu, w, stack.scales[i] + (lo - stack.starts[i]), y + lo, ldy, K, hi - lo);
+      else if constexpr (std::is_same_v<X, uint16_t>)
         rows_kernel_avx512<uint16_t, M>(x, reinterpret_cast<const uint16_t*>(w), y + lo, ldy, K, hi - lo);
       else if constexpr (std::is_same_v<T, float> && M > 1)  // fp32 x and weights
         has_avx512_bf16() ? rows_kernel_avx512<float, M>(x, w, y + lo, ldy, K, hi - lo)
@@ -276,8 +417,8 @@ void pass(const X* x, const Stack<T>& stack, float* y, int64_t ldy, int64_t K) {
     }
   };
   const int64_t N = stack.starts.back();
-  if constexpr (sizeof(T) == 2) {
-    // 16-bit weights: each thread streams its own share in blocks of 64 KB, then takes blocks left
+  if constexpr (sizeof(T) <= 2) {
+    // 16-bit (and int8) weights: each thread streams its own share in blocks of 64 KB, then takes blocks left
     // in the others' shares, so that no thread waits at the end for a slower one: +8-11 % for a
     // bf16 step (A/B in one process); fp32 weights measured level, and keep the plain split.
     constexpr int kMaxThreads = 64;
@@ -304,22 +445,30 @@ void pass(const X* x, const Stack<T>& stack, float* y, int64_t ldy, int64_t K) {
 }
 
 template <typename T, typename X>
-void run(const X* x, const Stack<T>& stack, float* y, int64_t rows, int64_t K) {
+void run(const X* x, const Stack<T>& stack, float* y, int64_t rows, int64_t K, const float* xu = nullptr) {
   const int64_t N = stack.starts.back();
   for (int64_t r = 0; r < rows; r += kMaxRows) {
     const X* xr = x + r * K;
+    const float* ur = xu ? xu + r : nullptr;
     float* yr = y + r * N;
     switch (std::min<int64_t>(kMaxRows, rows - r)) {
-      case 1: pass<T, 1, X>(xr, stack, yr, N, K); break;
-      case 2: pass<T, 2, X>(xr, stack, yr, N, K); break;
-      case 3: pass<T, 3, X>(xr, stack, yr, N, K); break;
-      case 4: pass<T, 4, X>(xr, stack, yr, N, K); break;
-      case 5: pass<T, 5, X>(xr, stack, yr, N, K); break;
-      case 6: pass<T, 6, X>(xr, stack, yr, N, K); break;
-      case 7: pass<T, 7, X>(xr, stack, yr, N, K); break;
-      default: pass<T, 8, X>(xr, stack, yr, N, K); break;
+      case 1: pass<T, 1, X>(xr, stack, yr, N, K, ur); break;
+      case 2: pass<T, 2, X>(xr, stack, yr, N, K, ur); break;
+      case 3: pass<T, 3, X>(xr, stack, yr, N, K, ur); break;
+      case 4: pass<T, 4, X>(xr, stack, yr, N, K, ur); break;
+      case 5: pass<T, 5, X>(xr, stack, yr, N, K, ur); break;
+      case 6: pass<T, 6, X>(xr, stack, yr, N, K, ur); break;
+      case 7: pass<T, 7, X>(xr, stack, yr, N, K, ur); break;
+      default: pass<T, 8, X>(xr, stack, yr, N, K, ur); break;
     }
   }
+}
+
+// y = rows of x (K each, any float dtype) through stacked int8 weights with their scales, in fp32.
+template <typename X>
+void multiply_int8(const X* x, const Stack<int8_t>& stack, float* y, int64_t rows, int64_t K, int16_t* x16, float* xu) {
+  quantize_rows16(x, rows, K, x16, xu);
+  run(x16, stack, y, rows, K, xu);
 }
 
 // Row-major (rows, K) x of any float dtype to fp32, each chunk of 16 in the order Widen<T> gives the
@@ -399,6 +548,43 @@ at::Tensor small_linear(const at::Tensor& x_in, at::TensorList ws) {
     case at::kHalf: small_linear_typed<at::Half>(x, ws, out, rows, K); break;
     default: TORCH_CHECK(false, "small_linear: weight dtype must be float32, bfloat16 or float16, got ", ws[0].scalar_type());
   }
+  return out;
+}
+
+// x @ (cat(ws) * cat(scales)[:, None]).t() for int8 weights with one fp32 scale per output row (x's
+// dtype out), x rounded to int16 per row (see quantize_rows16).
+at::Tensor small_linear_int8(const at::Tensor& x_in, at::TensorList ws, at::TensorList scales) {
+  TORCH_CHECK(!ws.empty() && ws.size() == scales.size(), "small_linear_int8: one scale vector per weight");
+  const int64_t K = ws[0].size(-1);
+  Stack<int8_t> stack;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const at::Tensor &w = ws[i], &sc = scales[i];
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar && w.device().is_cpu() && w.size(1) == K,
+                "small_linear_int8: weights must be contiguous int8 (N, K) CPU matrices of one K");
+    TORCH_CHECK(sc.dim() == 1 && sc.is_contiguous() && sc.scalar_type() == at::kFloat && sc.size(0) == w.size(0),
+                "small_linear_int8: scales must be contiguous float32 (N,)");
+    stack.add(w, &sc);
+  }
+  TORCH_CHECK(x_in.size(-1) == K && K % kChunk == 0 && x_in.device().is_cpu(),
+              "small_linear_int8: x must have the weights' ", K, " features (a multiple of ", kChunk, ")");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.numel() / K, N = stack.starts.back();
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  at::Tensor out = at::empty(out_shape, x.options());
+  static thread_local std::vector<int16_t> x_buffer;
+  static thread_local std::vector<float> u_buffer, y_buffer;
+  int16_t* x16 = scratch(x_buffer, rows * K);
+  float* xu = scratch(u_buffer, rows);
+  const bool fp32_out = out.scalar_type() == at::kFloat;
+  float* yp = fp32_out ? out.mutable_data_ptr<float>() : scratch(y_buffer, rows * N);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "small_linear_int8", [&] {
+    multiply_int8(x.const_data_ptr<scalar_t>(), stack, yp, rows, K, x16, xu);
+    if (!fp32_out) {
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < rows * N; ++i) op[i] = static_cast<scalar_t>(yp[i]);
+    }
+  });
   return out;
 }
 
@@ -637,35 +823,13 @@ void weighted_sum_int8(const int16_t* w16, const float* unit, const int8_t* v, i
   }
 }
 
-// ---- the same integer arithmetic with AVX512-VNNI (Zen 4, Ice Lake and later; checked at run time)
-// The int8 kernels above are bound by instruction count, not memory: over 4096 keys they run as fast
+
+// ---- the int8 cache's attention with AVX512-VNNI (`vnni()`)
+// The AVX2 kernels above are bound by instruction count, not memory: over 4096 keys they run as fast
 // from L3 as from memory (~16 GB/s of cache read). `vpdpbusd` multiplies 64 bytes by 64 bytes and
 // adds each four products into a 32-bit lane; `vpdpwssd` does the same for 32 int16 pairs. Both
 // sums are exact, as the AVX2 ones are, so both paths give the same scores and the same weighted
-// sums bit for bit (test_decode_attention_vnni_equals_avx2). `use_vnni(False)` turns this off (A/B).
-std::atomic<bool> vnni_allowed{true};
-
-bool vnni() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vnni");
-  return has && vnni_allowed.load(std::memory_order_relaxed);
-}
-
-bool use_vnni(bool on) { return vnni_allowed.exchange(on); }
-
-// The integer form of sum16: lane i of the result holds the sum of v[i]'s lanes.
-__attribute__((target("avx512f")))
-inline __m512i sum16_epi32(const __m512i* v) {
-  __m512i a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)
-    a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i)
-    b[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi64(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 2; ++i)
-    c[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0xDD));
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
-}
-
+// sums bit for bit (test_int8_decode_attention_vnni_equals_avx2).
 // The raw dot products of KB keys (from `s` on) with G int8 queries, as int32 bits into `scores`
 // (G rows of S). `vpdpbusd` takes unsigned bytes times signed ones: the keys' sign bit flipped gives
 // k + 128, so each sum is q.k + 128 sum(q), and `bias128` (128 sum(q) per query) comes off.
@@ -1029,23 +1193,36 @@ void to_dtype(const float* x, W* out, int64_t n) {
   for (; i < n; ++i) out[i] = static_cast<W>(x[i]);
 }
 
-// `rows` rows of x (n values each) through the weights side by side (`small_linear`'s kernel), into
-// y (rows x the weights' outputs), rounded to W.
+// `rows` rows of x (n values each) through the weights side by side (`small_linear`'s kernel; int8
+// weights, given with their scales: `small_linear_int8`'s), into y (rows x the weights' outputs),
+// rounded to W.
 template <typename W>
-void linear(const float* x, std::initializer_list<const at::Tensor*> ws, int64_t rows, int64_t n, float* y) {
+void linear(const float* x, std::initializer_list<const at::Tensor*> ws, std::initializer_list<const at::Tensor*> scales,
+            int64_t rows, int64_t n, float* y) {
   static thread_local std::vector<float> x_buffer;
-  Stack<W> stack;
-  for (const at::Tensor* w : ws) stack.add(*w);
-  float* xa = scratch(x_buffer, rows * n);
-  if (std::is_same_v<W, at::BFloat16> && has_avx512_bf16()) {  // x holds bf16 values: as bf16 (exact), for
-    at::BFloat16* xb = reinterpret_cast<at::BFloat16*>(xa);    // multiply's dot path, which arranges nothing
-    to_dtype(x, xb, rows * n);
-    multiply(xb, stack, y, rows, n, xa);
+  int64_t N = 0;
+  if (*scales.begin()) {  // int8 weights
+    static thread_local std::vector<int16_t> x16_buffer;
+    Stack<int8_t> stack;
+    const at::Tensor* const* scale = scales.begin();
+    for (const at::Tensor* w : ws) stack.add(*w, *scale++);
+    multiply_int8(x, stack, y, rows, n, scratch(x16_buffer, rows * n), scratch(x_buffer, rows));
+    N = stack.starts.back();
   } else {
-    multiply(x, stack, y, rows, n, xa);
+    Stack<W> stack;
+    for (const at::Tensor* w : ws) stack.add(*w);
+    float* xa = scratch(x_buffer, rows * n);
+    if (std::is_same_v<W, at::BFloat16> && has_avx512_bf16()) {  // x holds bf16 values: as bf16 (exact), for
+      at::BFloat16* xb = reinterpret_cast<at::BFloat16*>(xa);    // multiply's dot path, which arranges nothing
+      to_dtype(x, xb, rows * n);
+      multiply(xb, stack, y, rows, n, xa);
+    } else {
+      multiply(x, stack, y, rows, n, xa);
+    }
+    N = stack.starts.back();
   }
   if constexpr (!std::is_same_v<W, float>)  // fp32: already what F.linear gives
-    each<W>(rows * stack.starts.back(), y, [&](int64_t i) { return _mm256_loadu_ps(y + i); }, [&](int64_t i) { return y[i]; });
+    each<W>(rows * N, y, [&](int64_t i) { return _mm256_loadu_ps(y + i); }, [&](int64_t i) { return y[i]; });
 }
 
 // fn(b) for each of `rows` rows, the rows shared between threads where there are several.
@@ -1096,7 +1273,11 @@ template <typename W, typename C>
 void decode_step_typed(const int64_t* tokens, const int64_t* pos, int64_t B, const int64_t* slot_pos, int64_t capacity,
                        int64_t window, const at::Tensor& embed, at::TensorList layers, const at::Tensor& norm,
                        const at::Tensor& lm_head, const float* inv_freq, at::TensorList k_cache, at::TensorList v_cache,
-                       at::TensorList k_scale, at::TensorList v_scale, int64_t Hq, float eps, W* logits) {
+                       at::TensorList k_scale, at::TensorList v_scale, int64_t Hq, float eps, at::TensorList scales,
+                       W* logits) {
+  // an int8 tensor's scales (`layers`' index, then the embedding's and the LM head's), else null
+  const auto scale_of = [&](size_t i) { return scales[i].numel() ? &scales[i] : nullptr; };
+  const size_t n_layer_tensors = layers.size();
   const int64_t dim = embed.size(1), Hkv = k_cache[0].size(1), S = k_cache[0].size(2), D = k_cache[0].size(3);
   const int64_t G = Hq / Hkv, hidden = layers[6].size(0), V = lm_head.size(0), qkv_n = (Hq + 2 * Hkv) * D;
   static thread_local std::vector<float> xb, hb, qkvb, gub, yb, cs;
@@ -1111,9 +1292,16 @@ void decode_step_typed(const int64_t* tokens, const int64_t* pos, int64_t B, con
   W* att = scratch(attn, B * Hq * D);
   W* bias_rows = scratch(bias, B * S);
   std::vector<int64_t> slots(B), keys(B);
+  const at::Tensor* embed_scale = scale_of(n_layer_tensors);
   for (int64_t b = 0; b < B; ++b) {
-    const W* e = embed.const_data_ptr<W>() + tokens[b] * dim;  // x = embed_tokens(tokens)
-    for (int64_t i = 0; i < dim; ++i) x[b * dim + i] = static_cast<float>(e[i]);
+    if (embed_scale) {  // x = embed_tokens(tokens): int8 rows dequantized, (q.float() * scale).to(W)
+      const int8_t* e = embed.const_data_ptr<int8_t>() + tokens[b] * dim;
+      const float scale = embed_scale->const_data_ptr<float>()[tokens[b]];
+      for (int64_t i = 0; i < dim; ++i) x[b * dim + i] = rnd<W>(static_cast<float>(e[i]) * scale);
+    } else {
+      const W* e = embed.const_data_ptr<W>() + tokens[b] * dim;
+      for (int64_t i = 0; i < dim; ++i) x[b * dim + i] = static_cast<float>(e[i]);
+    }
     float *c = cos + b * 2 * D, *sn = c + D;
     for (int64_t i = 0; i < D / 2; ++i) {  // rope_cos_sin: the first half of sin negated
       const float f = float(pos[b]) * inv_freq[i];
@@ -1134,9 +1322,10 @@ void decode_step_typed(const int64_t* tokens, const int64_t* pos, int64_t B, con
   const bool int8 = std::is_same_v<C, int8_t>;
   for (size_t l = 0; l * 9 < layers.size(); ++l) {
     const at::Tensor* w = layers.data() + l * 9;  // input norm, q, k, v, o, post norm, gate, up, down
+    const auto sc = [&](int i) { return scale_of(l * 9 + i); };
     // h = x + self_attn(input_layernorm(x))
     rms_norm<W>(x, w[0].const_data_ptr<W>(), B, dim, eps, h);
-    linear<W>(h, {&w[1], &w[2], &w[3]}, B, dim, qkv);
+    linear<W>(h, {&w[1], &w[2], &w[3]}, {sc(1), sc(2), sc(3)}, B, dim, qkv);
     C* kc = k_cache[l].mutable_data_ptr<C>();
     C* vc = v_cache[l].mutable_data_ptr<C>();
     float* ks = int8 ? k_scale[l].mutable_data_ptr<float>() : nullptr;
@@ -1159,11 +1348,11 @@ void decode_step_typed(const int64_t* tokens, const int64_t* pos, int64_t B, con
       }
     });
     for (int64_t i = 0; i < B * Hq * D; ++i) h[i] = static_cast<float>(att[i]);
-    linear<W>(h, {&w[4]}, B, Hq * D, y);  // o_proj
+    linear<W>(h, {&w[4]}, {sc(4)}, B, Hq * D, y);  // o_proj
     add<W>(x, y, B * dim);
     // x = h + mlp(post_attention_layernorm(h)): down(silu(gate) * up)
     rms_norm<W>(x, w[5].const_data_ptr<W>(), B, dim, eps, h);
-    linear<W>(h, {&w[6], &w[7]}, B, dim, gu);
+    linear<W>(h, {&w[6], &w[7]}, {sc(6), sc(7)}, B, dim, gu);
     each_row(B, [&](int64_t b) {
       const float *gate = gu + b * 2 * hidden, *up = gate + hidden;
       each<W>(hidden, h + b * hidden, [&](int64_t i) {
@@ -1172,11 +1361,11 @@ void decode_step_typed(const int64_t* tokens, const int64_t* pos, int64_t B, con
         return _mm256_mul_ps(rnd8<W>(silu), _mm256_loadu_ps(up + i));
       }, [&](int64_t i) { return rnd<W>(gate[i] / (1.0f + std::exp(-gate[i]))) * up[i]; });
     });
-    linear<W>(h, {&w[8]}, B, hidden, y);
+    linear<W>(h, {&w[8]}, {sc(8)}, B, hidden, y);
     add<W>(x, y, B * dim);
   }
   rms_norm<W>(x, norm.const_data_ptr<W>(), B, dim, eps, h);  // lm_head(norm(x))
-  linear<W>(h, {&lm_head}, B, dim, y);
+  linear<W>(h, {&lm_head}, {scale_of(n_layer_tensors + 1)}, B, dim, y);
   to_dtype<W>(y, logits, B * V);
 }
 
@@ -1184,15 +1373,26 @@ void decode_step_typed(const int64_t* tokens, const int64_t* pos, int64_t B, con
 // cache slot pos % capacity, whose other slots hold the positions `slot_pos` (B, capacity; -1:
 // empty). `layers`: 9 tensors a layer (input_layernorm, q, k, v, o, post_attention_layernorm, gate,
 // up, down weights); k, v: the layers' cache buffers (B, Hkv, S, D), int8 with fp32 scales k_scale,
-// v_scale (B, Hkv, S) or of the model's dtype with no scales; window <= 0: none. The linears take
-// the B rows together (in passes of 8), reading each weight once a pass.
+// v_scale (B, Hkv, S) or of the model's dtype with no scales; window <= 0: none. `scales`: one per
+// tensor of `layers`, then the embedding's and the LM head's: for an int8 linear or embedding
+// (`quantize.Int8Linear`) its fp32 scales (N,), else an empty tensor. The linears take the B rows
+// together (in passes of 8), reading each weight once a pass.
 at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& slot_pos, int64_t window,
                        const at::Tensor& embed, at::TensorList layers, const at::Tensor& norm, const at::Tensor& lm_head,
                        const at::Tensor& inv_freq, at::TensorList k, at::TensorList v, at::TensorList k_scale,
-                       at::TensorList v_scale, int64_t n_heads, double eps) {
-  const auto dtype = embed.scalar_type();
+                       at::TensorList v_scale, int64_t n_heads, double eps, at::TensorList scales) {
+  const auto dtype = norm.scalar_type();
   TORCH_CHECK(!k.empty() && layers.size() == 9 * k.size() && v.size() == k.size(),
               "decode_step: 9 weights and one key and value buffer per layer expected");
+  TORCH_CHECK(scales.size() == layers.size() + 2, "decode_step: one scale entry per weight, the embedding and the LM head");
+  const auto quantized = [&](const at::Tensor& t, size_t i) {  // an int8 matrix with its (N,) fp32 scales
+    const at::Tensor& sc = scales[i];
+    if (!sc.numel()) return false;
+    TORCH_CHECK(t.scalar_type() == at::kChar && t.dim() == 2 && sc.scalar_type() == at::kFloat && sc.is_contiguous() &&
+                    sc.dim() == 1 && sc.size(0) == t.size(0),
+                "decode_step: tensor ", i, " has scales: int8 (N, K) with float32 (N,) scales expected");
+    return true;
+  };
   const bool int8 = k[0].scalar_type() == at::kChar;
   TORCH_CHECK(int8 ? k_scale.size() == k.size() && v_scale.size() == k.size() : k_scale.empty() && v_scale.empty(),
               "decode_step: scales go with an int8 cache, and only with it");
@@ -1215,8 +1415,14 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
                 "'s token ", tp[b], " or position ", pp[b], " out of range (vocabulary ", embed.size(0), ", ", S,
                 " slots allocated of ", capacity, ")");
   for (size_t i = 0; i < layers.size(); ++i)
-    TORCH_CHECK(layers[i].scalar_type() == dtype && layers[i].is_contiguous() && layers[i].device().is_cpu(),
-                "decode_step: weight ", i, " must be a contiguous CPU tensor of the model's dtype");
+    TORCH_CHECK((quantized(layers[i], i) || layers[i].scalar_type() == dtype) && layers[i].is_contiguous() &&
+                    layers[i].device().is_cpu(),
+                "decode_step: weight ", i, " must be a contiguous CPU tensor of the model's dtype (or int8 with scales)");
+  for (size_t l = 0; l < k.size(); ++l)  // weights multiplied side by side: q, k, v and gate, up
+    TORCH_CHECK(!!scales[l * 9 + 1].numel() == !!scales[l * 9 + 2].numel() &&
+                    !!scales[l * 9 + 1].numel() == !!scales[l * 9 + 3].numel() &&
+                    !!scales[l * 9 + 6].numel() == !!scales[l * 9 + 7].numel(),
+                "decode_step: layer ", l, "'s q/k/v and gate/up weights must be all int8 or all float");
   for (size_t l = 0; l < k.size(); ++l)
     TORCH_CHECK(k[l].is_contiguous() && v[l].is_contiguous() && k[l].sizes() == k[0].sizes() &&
                     v[l].sizes() == k[0].sizes() && k[l].scalar_type() == k[0].scalar_type() &&
@@ -1224,16 +1430,17 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
                     (!int8 || (k_scale[l].is_contiguous() && v_scale[l].is_contiguous() &&
                                k_scale[l].sizes() == k[0].sizes().slice(0, 3) && v_scale[l].sizes() == k_scale[l].sizes())),
                 "decode_step: cache buffers must be contiguous (B, Hkv, S, D), of the model's dtype or int8");
-  TORCH_CHECK(embed.is_contiguous() && lm_head.is_contiguous() && lm_head.scalar_type() == dtype &&
-                  norm.scalar_type() == dtype && lm_head.size(1) == dim,
-              "decode_step: embedding, final norm and LM head must be contiguous, of the model's dtype");
-  at::Tensor logits = at::empty({B, 1, lm_head.size(0)}, embed.options());
+  TORCH_CHECK(embed.is_contiguous() && lm_head.is_contiguous() && lm_head.size(1) == dim &&
+                  (quantized(embed, layers.size()) || embed.scalar_type() == dtype) &&
+                  (quantized(lm_head, layers.size() + 1) || lm_head.scalar_type() == dtype),
+              "decode_step: embedding and LM head must be contiguous, of the final norm's dtype (or int8 with scales)");
+  at::Tensor logits = at::empty({B, 1, lm_head.size(0)}, norm.options());
   const auto step_as = [&](auto w_type) {
     using W = decltype(w_type);
     const auto go = [&](auto c_type) {
       decode_step_typed<W, decltype(c_type)>(tp, pp, B, slot_pos.const_data_ptr<int64_t>(), capacity, window, embed,
                                              layers, norm, lm_head, inv_freq.const_data_ptr<float>(), k, v, k_scale,
-                                             v_scale, n_heads, float(eps), logits.mutable_data_ptr<W>());
+                                             v_scale, n_heads, float(eps), scales, logits.mutable_data_ptr<W>());
     };
     if (int8) go(int8_t{}); else go(W{});
   };
@@ -1250,15 +1457,17 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
 
 TORCH_LIBRARY(mistral_torch_cpu, m) {
   m.def("small_linear(Tensor x, Tensor[] ws) -> Tensor");
+  m.def("small_linear_int8(Tensor x, Tensor[] ws, Tensor[] scales) -> Tensor");
   m.def("use_vnni(bool on) -> bool", &use_vnni);  // no tensors: a catch-all kernel
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
   m.def("decode_step(Tensor tokens, Tensor pos, Tensor slot_pos, int window, Tensor embed, Tensor[] layers, "
         "Tensor norm, Tensor lm_head, Tensor inv_freq, Tensor(a!)[] k, Tensor(b!)[] v, Tensor(c!)[] k_scale, "
-        "Tensor(d!)[] v_scale, int n_heads, float eps) -> Tensor");
+        "Tensor(d!)[] v_scale, int n_heads, float eps, Tensor[] scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mistral_torch_cpu, CPU, m) {
   m.impl("small_linear", &small_linear);
+  m.impl("small_linear_int8", &small_linear_int8);
   m.impl("decode_attention", &decode_attention);
   m.impl("decode_step", &decode_step);
 }
