@@ -2,6 +2,7 @@
 
     python benchmarks/bench_prefill.py                    # bench-125m, fp32 + bf16, 512 tokens
     python benchmarks/bench_prefill.py --prompt 2048 --dtypes fp32 --memory
+    python benchmarks/bench_prefill.py --int8 --no-hf       # + int8 weights, beside llama.cpp q8_0
 
 Each contender turns the prompt into the cache and the last position's logits (ours:
 `last_logits_only=True`; transformers: `logits_to_keep=1`; llama.cpp: `eval`), interleaved,
@@ -86,16 +87,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         packed = common.twin(model)
         if fast.pack_linears(packed):  # oneDNN-packed linears (compile_decode does this where the C++ kernels are off)
             contenders["mistral-torch packed"] = lambda: ours(packed, prompt)
+        int8 = None
+        if args.int8:  # int8 weights (linears, LM head, embedding): quantize_model(.., "int8")
+            from mistral_torch.quantize import quantize_model
+            int8 = quantize_model(common.twin(model), "int8")
+            contenders["mistral-torch int8"] = lambda: ours(int8, prompt)
         hf = None
         if not args.no_hf:
             hf = common.hf_model(model)
             contenders["transformers"] = lambda: transformers_run(hf, prompt)
         llms = []
         if have_llama:
-            kind = "f32" if dtype == "fp32" else "f16"
-            path = common.write_gguf(model, Path(tmp.name) / f"m-{kind}.gguf", kind)
-            llms.append(common.LlamaWorker(path, n_ctx=args.prompt + 8, threads=threads, n_batch=args.prompt))
-            contenders[f"llama.cpp {kind}"] = lambda: llms[0].run(prompt[0].tolist(), 1)
+            for kind in ["f32" if dtype == "fp32" else "f16"] + (["q8_0"] if args.int8 else []):
+                path = common.write_gguf(model, Path(tmp.name) / f"m-{kind}.gguf", kind)
+                llm = common.LlamaWorker(path, n_ctx=args.prompt + 8, threads=threads, n_batch=args.prompt)
+                llms.append(llm)
+                contenders[f"llama.cpp {kind}"] = lambda llm=llm: llm.run(prompt[0].tolist(), 1)
         for fn in contenders.values():
             fn()
         flops = prefill_flops(a, args.prompt)
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         matmul_fp32_GFLOPs=peak / 1e9))
         for llm in llms:
             llm.close()
-        del hf, llms, model, packed
+        del hf, llms, model, packed, int8
         gc.collect()
     if args.memory:
         names = [f"{r['name']}|{r['dtype']}" for r in results["rows"]]
@@ -130,6 +137,9 @@ def child(args: argparse.Namespace) -> None:
     if name.startswith("mistral-torch"):
         if name.endswith("packed"):
             fast.pack_linears(model)
+        elif name.endswith("int8"):
+            from mistral_torch.quantize import quantize_model
+            quantize_model(model, "int8")
         ours(model, prompt)
     elif name == "transformers":
         hf = common.hf_model(model)
@@ -156,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--int8", action="store_true", help="also our model with int8 weights, and llama.cpp q8_0")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-llama", action="store_true")
     p.add_argument("--memory", action="store_true", help="also peak RSS per contender (fresh processes)")

@@ -188,7 +188,7 @@ def test_zero_and_constant_weights_stay_finite():
 
 # ---------------------------------------------------------------- modules: kernels vs reference
 @pytest.mark.parametrize("method,group_size", CASES)
-@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("rows", [1, 3, 17, 64])
 def test_forward_matches_dequantized_reference(method, group_size, rows):
     lin = nn.Linear(256, 192, bias=False)
     with torch.no_grad():
@@ -203,6 +203,32 @@ def test_forward_matches_dequantized_reference(method, group_size, rows):
         assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
     else:  # bf16 activations and outputs
         assert (y - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_int8_prefill_rows_widen_the_weight_for_onednn(monkeypatch):
+    """From `INT8_WIDEN_MIN_ROWS` rows on, where oneDNN runs bf16 natively, an int8 linear multiplies
+    its weight widened to bf16 (exact) instead of calling `_weight_int8pack_mm` (2x faster there):
+    within bf16 rounding of that kernel's result; fewer rows still take the kernel."""
+    from mistral_torch.fast import packing_supported
+
+    if not packing_supported(torch.bfloat16):
+        pytest.skip("oneDNN does not run bf16 natively here: int8 keeps torch's kernel")
+    lin = nn.Linear(256, 192, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weights(7, 192, 256))
+    q = Q.Int8Linear.from_linear(lin)
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    rows = Q.INT8_WIDEN_MIN_ROWS
+    x = torch.randn(rows, 256)
+    with torch.no_grad():
+        wide, few = q(x), q(x[:-1])
+        monkeypatch.setattr(Q, "INT8_WIDEN_MIN_ROWS", 10**9)
+        by_kernel = q(x)
+    assert calls == [rows - 1, rows]  # `few` and `by_kernel` only
+    assert (wide - by_kernel).abs().max() <= 2 ** -7 * by_kernel.abs().max()
+    assert torch.equal(few, by_kernel[:-1])
 
 
 def test_gradient_flows_to_the_input():

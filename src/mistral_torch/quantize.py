@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .fast import packing_supported
 from .model import Transformer
 
 METHODS = ("int8", "int4", "nf4")
@@ -510,6 +511,13 @@ class QuantizedLinear(nn.Module, abc.ABC):
         return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}"
 
 
+# From this many rows on, an int8 linear widens its weight to bf16 (int8 values are exact there)
+# for oneDNN's bf16 GEMM where the CPU runs it natively, rather than `_weight_int8pack_mm`: 2x at
+# 64-512 rows, level at 16 (Zen 4, a 2048 x 768 weight, 2 threads); a 512-token prefill of
+# bench-125m 1.74-1.84x (A/B in one process), 1.4-1.7x llama.cpp q8_0 (benchmarks/results/prefill_int8.json).
+INT8_WIDEN_MIN_ROWS = 32
+
+
 class Int8Linear(QuantizedLinear):
     """int8 weight-only, one fp32 scale per output channel."""
 
@@ -551,7 +559,11 @@ class Int8Linear(QuantizedLinear):
         if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
             return self._reference(x)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        y = torch._weight_int8pack_mm(x2, self.weight, self.kernel_scales)
+        if x2.shape[0] >= INT8_WIDEN_MIN_ROWS and packing_supported(torch.bfloat16):
+            # prefill: the weight widened to bf16 (exact) for oneDNN's bf16 GEMM, then scaled
+            y = F.linear(x2, self.weight.to(torch.bfloat16)) * self.kernel_scales
+        else:
+            y = torch._weight_int8pack_mm(x2, self.weight, self.kernel_scales)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
