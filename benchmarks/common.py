@@ -171,7 +171,9 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> st
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # then renamed: never a half-written result
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
     print(f"wrote {path}")
 
 
