@@ -589,11 +589,34 @@ def test_bench_decode_attention_runs(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode_attention.py"
     out = tmp_path / "att.json"
     run = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--keys", "40", "--rounds", "1",
-                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+                          "--avx2-int8", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["query"], r["cache"]) for r in rows] == [("fp32", "fp32"), ("fp32", "int8"), ("bf16", "bf16"), ("bf16", "int8")]
-    assert all(r["ms"] > 0 for r in rows) and [r["speed"] for r in rows][::2] == [1.0, 1.0]
+    assert [(r["query"], r["cache"]) for r in rows] == [("fp32", "fp32"), ("fp32", "int8"), ("bf16", "bf16"), ("bf16", "int8"),
+                                                         ("fp32", "int8 AVX2"), ("bf16", "int8 AVX2")]
+    assert all(r["ms"] > 0 for r in rows) and [r["speed"] for r in rows][:4:2] == [1.0, 1.0]
+
+
+@needs_kernels
+def test_bench_decode_runs_int8_weights(tmp_path):
+    """bench_decode's `--int8` plumbing on the tiny preset: the int8 model runs in the fused step,
+    its roofline counted on its own (about a quarter of fp32's) bytes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+    out = tmp_path / "decode.json"
+    run = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--dtypes", "fp32", "--batches", "1",
+                          "--prompt", "8", "--new", "6", "--repeats", "1", "--no-hf", "--no-llama", "--no-aot",
+                          "--int8", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"mistral-torch eager b1", "mistral-torch fused b1", "mistral-torch int8 fused b1"}
+    int8, fp32 = rows["mistral-torch int8 fused b1"], rows["mistral-torch fused b1"]
+    assert int8["weights"] == "int8" and int8["tok_s"] > 0
+    assert 0.25 < int8["weight_MB"] / fp32["weight_MB"] < 0.3  # 1 byte a weight + fp32 scales, norms in fp32
 
 
 def _cpu_flags() -> set[str]:

@@ -954,6 +954,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="also the compiled decode step (CPU: 20-35 s warm-up per batch size, ~5 s once cached)")
+    p.add_argument("--int8", action="store_true",
+                   help="also the model with int8 weights (decode: with --compile; llama.cpp q8_0 beside it)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     p.add_argument("--out", default="bench-results", help="folder for decode.json / prefill.json")
@@ -972,7 +974,8 @@ def _bench(args: argparse.Namespace) -> int:
     common = [f"--preset={args.preset}", f"--dtypes={args.dtypes}", f"--repeats={args.repeats}",
               f"--device={args.device}", *([f"--model={args.model}"] if args.model else []),
               *([f"--threads={args.threads}"] if args.threads else []),
-              *(["--no-hf"] if args.no_hf else []), *(["--no-llama"] if args.no_llama else [])]
+              *(["--no-hf"] if args.no_hf else []), *(["--no-llama"] if args.no_llama else []),
+              *(["--int8"] if args.int8 else [])]
     importlib.import_module("bench_decode").main(
         [*common, f"--batches={args.batches}", f"--prompt={args.prompt}", f"--new={args.new}",
          f"--out={Path(args.out) / 'decode.json'}", *([] if args.compile else ["--no-compile"])])
