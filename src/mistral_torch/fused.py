@@ -94,12 +94,17 @@ class FusedDecoder:
             linears += [at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
             norms += [layer.input_layernorm, layer.post_attention_layernorm]
         embed = model.model.embed_tokens
-        float_linear = (lambda m: type(m) in (nn.Linear, fast.PackedLinear) and m.bias is None
-                        and m.weight.dtype == dtype and m.weight.is_contiguous())
-        int8 = lambda m: _int8(m) and m.weight.is_contiguous() and m.scales.is_contiguous()  # noqa: E731
-        side_by_side = all(_int8(at.q_proj) == _int8(at.k_proj) == _int8(at.v_proj)
-                           and _int8(mlp.gate_proj) == _int8(mlp.up_proj)
-                           for at, mlp in ((la.self_attn, la.mlp) for la in model.model.layers))
+
+        def int8(m: nn.Module) -> bool:
+            return _int8(m) and m.weight.is_contiguous() and m.scales.is_contiguous()
+
+        def float_linear(m: nn.Module) -> bool:
+            return (type(m) in (nn.Linear, fast.PackedLinear) and m.bias is None and m.weight.dtype == dtype
+                    and m.weight.is_contiguous())
+
+        # q/k/v and gate/up are multiplied side by side: each group all int8 or all float
+        side_by_side = all(_int8(la.self_attn.q_proj) == _int8(la.self_attn.k_proj) == _int8(la.self_attn.v_proj)
+                           and _int8(la.mlp.gate_proj) == _int8(la.mlp.up_proj) for la in model.model.layers)
         return (((type(embed) is nn.Embedding and embed.weight.dtype == dtype) or int8(embed))
                 and embed.weight.is_contiguous() and side_by_side
                 and all(float_linear(m) or int8(m) for m in linears)
