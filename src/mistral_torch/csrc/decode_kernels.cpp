@@ -1,6 +1,9 @@
 // The two CPU (AVX2) kernels of a decode step, as torch ops `mistral_torch_cpu::small_linear` and
 // `mistral_torch_cpu::decode_attention` (built and registered by mistral_torch/fast.py), and
 // `mistral_torch_cpu::decode_step`: a whole batch-1 step over them in one call (fused.py; at the end).
+// `small_linear_int8` multiplies int8 weights (quantize.Int8Linear) in integers, x rounded to int16.
+// Where the CPU has AVX512-VNNI the integer kernels (int8 weights, an int8 cache's attention) use
+// `vpdpbusd`/`vpdpwssd`, with the AVX2 forms' results bit for bit (`use_vnni(false)`: AVX2 only).
 //
 // small_linear: y = x @ w.t() for a few rows of x (decode: 1 to 8), reading the weight w once;
 // given several weights (q/k/v, gate/up), their outputs side by side from one call.
