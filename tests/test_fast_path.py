@@ -824,6 +824,7 @@ def test_fused_decode_step_takes_only_what_it_can_run(monkeypatch):
     assert lora._fused_step is None and not FusedDecoder.fits(lora)
     assert FusedDecoder.fits(quantize_model(tiny_model(seed=58, sliding_window=8), "int8"))
     assert not FusedDecoder.fits(quantize_model(tiny_model(seed=58, sliding_window=8), "int4", group_size=32))
+    assert not FusedDecoder.fits(tiny_model(seed=58, hidden_dim=168))  # the kernels step 16 features at a time
     mixed = tiny_model(seed=58, sliding_window=8)  # q int8, k and v not: they are multiplied side by side
     mixed.model.layers[0].self_attn.q_proj = quantize_model(tiny_model(seed=58), "int8").model.layers[0].self_attn.q_proj
     assert not FusedDecoder.fits(mixed)

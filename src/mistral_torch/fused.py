@@ -86,7 +86,7 @@ class FusedDecoder:
 
         a, dtype = model.args, model.dtype
         if (not fast.cpp_kernels() or model.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16)
-                or a.head_dim % 16 or a.dim % 16 or a.n_heads % a.n_kv_heads or a.n_heads // a.n_kv_heads > fast.SMALL_MAX_ROWS):
+                or a.head_dim % 16 or a.dim % 16 or a.hidden_dim % 16 or a.n_heads % a.n_kv_heads or a.n_heads // a.n_kv_heads > fast.SMALL_MAX_ROWS):
             return False
         linears, norms = [model.lm_head], [model.model.norm]
         for layer in model.model.layers:

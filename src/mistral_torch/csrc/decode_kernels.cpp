@@ -1400,9 +1400,10 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, const at
   TORCH_CHECK(int8 ? k_scale.size() == k.size() && v_scale.size() == k.size() : k_scale.empty() && v_scale.empty(),
               "decode_step: scales go with an int8 cache, and only with it");
   const int64_t B = k[0].size(0), Hkv = k[0].size(1), S = k[0].size(2), D = k[0].size(3), dim = embed.size(1);
-  TORCH_CHECK(n_heads % Hkv == 0 && n_heads / Hkv <= kMaxRows && D % kChunk == 0 && dim % kChunk == 0,
-              "decode_step: ", n_heads, " query heads over ", Hkv, " kv heads of ", D, " (head_dim and dim: multiples of ",
-              kChunk, ")");
+  TORCH_CHECK(n_heads % Hkv == 0 && n_heads / Hkv <= kMaxRows && D % kChunk == 0 && dim % kChunk == 0 &&
+                  layers[6].dim() == 2 && layers[6].size(0) % kChunk == 0,
+              "decode_step: ", n_heads, " query heads over ", Hkv, " kv heads of ", D, " (head_dim, dim and the FFN's ",
+              "hidden size: multiples of ", kChunk, ")");
   TORCH_CHECK(tokens.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && slot_pos.scalar_type() == at::kLong &&
                   tokens.is_contiguous() && pos.is_contiguous() && slot_pos.is_contiguous() && tokens.numel() == B &&
                   pos.numel() == B && slot_pos.dim() == 2 && slot_pos.size(0) == B && slot_pos.size(1) >= S,
