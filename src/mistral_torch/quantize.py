@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
-from .fast import packing_supported
+from .fast import plain_onednn
 from .model import Transformer
 
 METHODS = ("int8", "int4", "nf4")
@@ -559,7 +559,7 @@ class Int8Linear(QuantizedLinear):
         if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
             return self._reference(x)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        if x2.shape[0] >= INT8_WIDEN_MIN_ROWS and packing_supported(torch.bfloat16):
+        if x2.shape[0] >= INT8_WIDEN_MIN_ROWS and plain_onednn(torch.bfloat16):
             # prefill: the weight widened to bf16 (exact) for oneDNN's bf16 GEMM, then scaled
             y = F.linear(x2, self.weight.to(torch.bfloat16)) * self.kernel_scales
         else:

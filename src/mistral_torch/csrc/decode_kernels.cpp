@@ -506,22 +506,30 @@ E* scratch(std::vector<E>& buffer, size_t n) {
   return buffer.data();
 }
 
+// fn(x's data, y) computes y in fp32 (out's size) for x of any float dtype; y lands in `out`, which
+// has x's dtype: in place for fp32, else rounded from scratch, as F.linear's output is.
+template <typename F>
+void into_x_dtype(const at::Tensor& x, at::Tensor& out, F fn) {
+  static thread_local std::vector<float> y_buffer;
+  const int64_t n = out.numel();
+  const bool fp32_out = out.scalar_type() == at::kFloat;
+  float* yp = fp32_out ? out.mutable_data_ptr<float>() : scratch(y_buffer, n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "small_linear", [&] {
+    fn(x.const_data_ptr<scalar_t>(), yp);
+    if (!fp32_out) {
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) op[i] = static_cast<scalar_t>(yp[i]);
+    }
+  });
+}
+
 template <typename T>
 void small_linear_typed(const at::Tensor& x, at::TensorList ws, at::Tensor& out, int64_t rows, int64_t K) {
   Stack<T> stack;
   for (const at::Tensor& w : ws) stack.add(w);
-  const int64_t N = stack.starts.back();
-  static thread_local std::vector<float> x_buffer, y_buffer;
+  static thread_local std::vector<float> x_buffer;
   float* xp = scratch(x_buffer, rows * K);
-  const bool fp32_out = out.scalar_type() == at::kFloat;
-  float* yp = fp32_out ? out.mutable_data_ptr<float>() : scratch(y_buffer, rows * N);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "small_linear", [&] {
-    multiply(x.const_data_ptr<scalar_t>(), stack, yp, rows, K, xp);
-    if (!fp32_out) {  // round to x's dtype, as F.linear's output is
-      scalar_t* op = out.mutable_data_ptr<scalar_t>();
-      for (int64_t i = 0; i < rows * N; ++i) op[i] = static_cast<scalar_t>(yp[i]);
-    }
-  });
+  into_x_dtype(x, out, [&](const auto* xd, float* y) { multiply(xd, stack, y, rows, K, xp); });
 }
 
 // x @ cat(ws).t(): the weights (same dtype, same K) side by side, as one linear (q/k/v, gate/up).
@@ -571,23 +579,15 @@ at::Tensor small_linear_int8(const at::Tensor& x_in, at::TensorList ws, at::Tens
   TORCH_CHECK(x_in.size(-1) == K && K % kChunk == 0 && x_in.device().is_cpu(),
               "small_linear_int8: x must have the weights' ", K, " features (a multiple of ", kChunk, ")");
   const at::Tensor x = x_in.contiguous();
-  const int64_t rows = x.numel() / K, N = stack.starts.back();
+  const int64_t rows = x.numel() / K;
   std::vector<int64_t> out_shape = x.sizes().vec();
-  out_shape.back() = N;
+  out_shape.back() = stack.starts.back();
   at::Tensor out = at::empty(out_shape, x.options());
   static thread_local std::vector<int16_t> x_buffer;
-  static thread_local std::vector<float> u_buffer, y_buffer;
+  static thread_local std::vector<float> u_buffer;
   int16_t* x16 = scratch(x_buffer, rows * K);
   float* xu = scratch(u_buffer, rows);
-  const bool fp32_out = out.scalar_type() == at::kFloat;
-  float* yp = fp32_out ? out.mutable_data_ptr<float>() : scratch(y_buffer, rows * N);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "small_linear_int8", [&] {
-    multiply_int8(x.const_data_ptr<scalar_t>(), stack, yp, rows, K, x16, xu);
-    if (!fp32_out) {
-      scalar_t* op = out.mutable_data_ptr<scalar_t>();
-      for (int64_t i = 0; i < rows * N; ++i) op[i] = static_cast<scalar_t>(yp[i]);
-    }
-  });
+  into_x_dtype(x, out, [&](const auto* xd, float* y) { multiply_int8(xd, stack, y, rows, K, x16, xu); });
   return out;
 }
 
@@ -884,8 +884,9 @@ void scores_vnni(const int8_t* q8, const int8_t* k, int64_t ldk, int64_t S, int6
 // 32-bit lane, times the pair of weights (w_s, w_s+1).
 template <int G>
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-void weighted_sum_vnni(const int16_t* w16, int64_t S2, const float* unit, const int8_t* v, int64_t ldv, int64_t S,
-                       int64_t D, float* out) {
+void weighted_sum_vnni(const int16_t* w16, const float* unit, const int8_t* v, int64_t ldv, int64_t S, int64_t D,
+                       float* out) {
+  const int64_t S2 = (S + 1) & ~int64_t(1);
   constexpr int64_t kKeys = 128;
   // lanes back to head_dim order: per 128-bit lane L, `lo` holds dims 8L..8L+3 and `hi` 8L+4..8L+7
   const __m512i first16 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
@@ -993,7 +994,7 @@ void attend(const float* q, const T* k, const T* v, int64_t ldk, int64_t ldv, in
     float unit[G];
     round_weights<G>(scores, wmax, S, w16, unit);
     if (D % 32 == 0 && vnni())
-      weighted_sum_vnni<G>(w16, (S + 1) & ~int64_t(1), unit, v, ldv, S, D, out);
+      weighted_sum_vnni<G>(w16, unit, v, ldv, S, D, out);
     else
       weighted_sum_int8<G>(w16, unit, v, ldv, S, D, out);
   } else
@@ -1206,10 +1207,11 @@ void linear(const float* x, std::initializer_list<const at::Tensor*> ws, std::in
   int64_t N = 0;
   if (*scales.begin()) {  // int8 weights
     static thread_local std::vector<int16_t> x16_buffer;
+    static thread_local std::vector<float> unit_buffer;
     Stack<int8_t> stack;
     const at::Tensor* const* scale = scales.begin();
     for (const at::Tensor* w : ws) stack.add(*w, *scale++);
-    multiply_int8(x, stack, y, rows, n, scratch(x16_buffer, rows * n), scratch(x_buffer, rows));
+    multiply_int8(x, stack, y, rows, n, scratch(x16_buffer, rows * n), scratch(unit_buffer, rows));
     N = stack.starts.back();
   } else {
     Stack<W> stack;
