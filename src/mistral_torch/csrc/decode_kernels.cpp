@@ -833,14 +833,16 @@ void weighted_sum_int8(const int16_t* w16, const float* unit, const int8_t* v, i
 // adds each four products into a 32-bit lane; `vpdpwssd` does the same for 32 int16 pairs. Both
 // sums are exact, as the AVX2 ones are, so both paths give the same scores and the same weighted
 // sums bit for bit (test_int8_decode_attention_vnni_equals_avx2).
-// The raw dot products of KB keys (from `s` on) with G int8 queries, as int32 bits into `scores`
-// (G rows of S). `vpdpbusd` takes unsigned bytes times signed ones: the keys' sign bit flipped gives
-// k + 128, so each sum is q.k + 128 sum(q), and `bias128` (128 sum(q) per query) comes off.
-// G x KB <= 16 accumulators, summed across lanes together by one sum16_epi32.
+// The dot products of KB keys (from `s` on) with G int8 queries, as fp32 into `scores` (G rows of S).
+// `vpdpbusd` takes unsigned bytes times signed ones: the keys' sign bit flipped gives k + 128, so
+// each sum is q.k + 128 sum(q), and `bias128` (128 sum(q) in lanes g KB .. g KB + KB - 1) comes off.
+// G x KB <= 16 accumulators (query-major), summed across lanes together by one sum16_epi32; then
+// each query's KB lanes are moved to the front (`front[g]`) and stored with one masked store (a
+// scalar store per sum cost more than the dot products).
 template <int G, int KB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
-inline void dots_vnni(const int8_t* q8, const int32_t* bias128, const int8_t* k, int64_t ldk, int64_t s, int64_t S,
-                      int64_t D, int32_t* scores) {
+inline void dots_vnni(const int8_t* q8, __m512i bias128, const __m512i* front, const int8_t* k, int64_t ldk, int64_t s,
+                      int64_t S, int64_t D, float* scores) {
   static_assert(G * KB <= 16, "16 accumulators");
   __m512i acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
@@ -849,12 +851,25 @@ inline void dots_vnni(const int8_t* q8, const int32_t* bias128, const int8_t* k,
     for (int j = 0; j < KB; ++j) {
       const __m512i kv = _mm512_xor_si512(_mm512_loadu_si512(k + (s + j) * ldk + d), flip);
       for (int g = 0; g < G; ++g)
-        acc[j * G + g] = _mm512_dpbusd_epi32(acc[j * G + g], kv, _mm512_loadu_si512(q8 + g * D + d));
+        acc[g * KB + j] = _mm512_dpbusd_epi32(acc[g * KB + j], kv, _mm512_loadu_si512(q8 + g * D + d));
     }
-  alignas(64) int32_t sums[16];
-  _mm512_store_si512(sums, sum16_epi32(acc));
-  for (int j = 0; j < KB; ++j)
-    for (int g = 0; g < G; ++g) scores[g * S + s + j] = sums[j * G + g] - bias128[g];
+  const __m512 dots = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum16_epi32(acc), bias128));
+  constexpr __mmask16 mask = (1u << KB) - 1;
+  for (int g = 0; g < G; ++g)
+    _mm512_mask_storeu_ps(scores + g * S + s, mask, g == 0 ? dots : _mm512_permutexvar_ps(front[g], dots));
+}
+
+// dots_vnni's constants for KB keys a call: 128 sum(q) per lane, and each query's lanes to the front.
+template <int G, int KB>
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+inline void dots_vnni_constants(const int32_t* sums, __m512i& bias128, __m512i* front) {
+  alignas(64) int32_t bias[16] = {};
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < KB; ++j) bias[g * KB + j] = 128 * sums[g];
+  bias128 = _mm512_load_si512(bias);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int g = 0; g < G; ++g)
+    front[g] = _mm512_and_si512(_mm512_add_epi32(iota, _mm512_set1_epi32(g * KB)), _mm512_set1_epi32(15));
 }
 
 // Every key's raw dot products (D a multiple of 64) as fp32 scores, G rows of S: the values
@@ -863,25 +878,70 @@ template <int G>
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 void scores_vnni(const int8_t* q8, const int8_t* k, int64_t ldk, int64_t S, int64_t D, float* scores) {
   constexpr int KB = 16 / G;
-  int32_t bias128[G];
+  int32_t sums[G];
   for (int g = 0; g < G; ++g) {
-    int32_t sum = 0;
-    for (int64_t d = 0; d < D; ++d) sum += q8[g * D + d];
-    bias128[g] = 128 * sum;
+    sums[g] = 0;
+    for (int64_t d = 0; d < D; ++d) sums[g] += q8[g * D + d];
   }
-  int32_t* raw = reinterpret_cast<int32_t*>(scores);  // int32 first, fp32 in place below
+  __m512i bias, bias1, front[G], front1[G];
+  dots_vnni_constants<G, KB>(sums, bias, front);
+  dots_vnni_constants<G, 1>(sums, bias1, front1);
   int64_t s = 0;
-  for (; s + KB <= S; s += KB) dots_vnni<G, KB>(q8, bias128, k, ldk, s, S, D, raw);
-  for (; s < S; ++s) dots_vnni<G, 1>(q8, bias128, k, ldk, s, S, D, raw);
-  for (int64_t i = 0; i + 16 <= G * S; i += 16)
-    _mm512_storeu_ps(scores + i, _mm512_cvtepi32_ps(_mm512_loadu_si512(raw + i)));
-  for (int64_t i = G * S / 16 * 16; i < G * S; ++i) scores[i] = static_cast<float>(raw[i]);
+  for (; s + KB <= S; s += KB) dots_vnni<G, KB>(q8, bias, front, k, ldk, s, S, D, scores);
+  for (; s < S; ++s) dots_vnni<G, 1>(q8, bias1, front1, k, ldk, s, S, D, scores);
 }
 
 // weighted_sum_int8's sums (the same int16 weights `w16`, G rows of S2, in units `unit`; the same
-// blocks of 128 keys, each added to `out` in fp32) with `vpdpwssd`, 32 of head_dim at a time
-// (D a multiple of 32): two keys' values widened to 16 bits and interleaved, (v_s, v_s+1) per
-// 32-bit lane, times the pair of weights (w_s, w_s+1).
+// blocks of 128 keys, each added to `out` in fp32) with `vpdpwssd`: two keys' values widened to
+// 16 bits and interleaved, (v_s, v_s+1) per 32-bit lane, times the pair of weights (w_s, w_s+1).
+// pair_vnni: one pair (the second key zero where `two` is false) into the accumulators of C x 32
+// elements of head_dim from `d`; the pair of weights is broadcast once for all of them.
+template <int G, int C>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
+inline void pair_vnni(const int16_t* w16, int64_t S2, const int8_t* v, int64_t ldv, int64_t s, int64_t d, bool two,
+                      __m512i (&lo)[2][G], __m512i (&hi)[2][G]) {
+  __m512i x0[C], x1[C];
+  for (int c = 0; c < C; ++c) {
+    const __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + s * ldv + d + 32 * c)));
+    const __m512i b = two ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                reinterpret_cast<const __m256i*>(v + (s + 1) * ldv + d + 32 * c)))
+                          : _mm512_setzero_si512();
+    x0[c] = _mm512_unpacklo_epi16(a, b);
+    x1[c] = _mm512_unpackhi_epi16(a, b);
+  }
+  for (int g = 0; g < G; ++g) {
+    int32_t pair;
+    std::memcpy(&pair, w16 + g * S2 + s, sizeof pair);
+    const __m512i p = _mm512_set1_epi32(pair);
+    for (int c = 0; c < C; ++c) {
+      lo[c][g] = _mm512_dpwssd_epi32(lo[c][g], x0[c], p);
+      hi[c][g] = _mm512_dpwssd_epi32(hi[c][g], x1[c], p);
+    }
+  }
+}
+
+// The keys [s0, s1) of one block over C x 32 elements from `d`; the pass over the first elements
+// fetches the rows 128 keys on (the next block) into L1.
+template <int G, int C>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
+inline void block_vnni(const int16_t* w16, int64_t S2, const int8_t* v, int64_t ldv, int64_t s0, int64_t s1, int64_t S,
+                       int64_t d, int64_t D, __m512i (&lo)[2][G], __m512i (&hi)[2][G]) {
+  constexpr int64_t kKeys = 128;
+  for (int c = 0; c < C; ++c)
+    for (int g = 0; g < G; ++g) lo[c][g] = hi[c][g] = _mm512_setzero_si512();
+  int64_t s = s0;
+  const int64_t ahead = d == 0 ? std::min(s1, S - kKeys - 1) : s0;  // pairs whose rows 128 keys on exist
+  for (; s + 2 <= s1 && s < ahead; s += 2) {
+    for (int64_t line = 0; line < D; line += 64)
+      for (int j = 0; j < 2; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(v + (s + j + kKeys) * ldv + line), _MM_HINT_T0);
+    pair_vnni<G, C>(w16, S2, v, ldv, s, d, true, lo, hi);
+  }
+  for (; s + 2 <= s1; s += 2) pair_vnni<G, C>(w16, S2, v, ldv, s, d, true, lo, hi);
+  if (s < s1) pair_vnni<G, C>(w16, S2, v, ldv, s, d, false, lo, hi);
+}
+
+// Over the keys once per 64 elements of head_dim (D a multiple of 32).
 template <int G>
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 void weighted_sum_vnni(const int16_t* w16, const float* unit, const int8_t* v, int64_t ldv, int64_t S, int64_t D,
@@ -894,37 +954,22 @@ void weighted_sum_vnni(const int16_t* w16, const float* unit, const int8_t* v, i
   for (int64_t i = 0; i < G * D; ++i) out[i] = 0.0f;
   for (int64_t s0 = 0; s0 < S; s0 += kKeys) {
     const int64_t s1 = std::min(S, s0 + kKeys);
-    for (int64_t d = 0; d < D; d += 32) {
-      __m512i lo[G], hi[G];
-      for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm512_setzero_si512();
-      // the first two passes fetch the next block into L1, half of it each (as weighted_sum_int8)
-      const int64_t first = s1 + (d / 32) * (kKeys / 2);
-      const int64_t ahead = d < 64 ? std::clamp<int64_t>(S - first, 0, kKeys / 2) : 0;
-      for (int64_t s = s0; s < s1; s += 2) {
-        if ((s - s0) / 2 < ahead)
-          for (int64_t line = 0; line < D; line += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(v + (first + (s - s0) / 2) * ldv + line), _MM_HINT_T0);
-        const __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + s * ldv + d)));
-        const __m512i b = s + 1 < s1 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                                           reinterpret_cast<const __m256i*>(v + (s + 1) * ldv + d)))
-                                     : _mm512_setzero_si512();
-        const __m512i x0 = _mm512_unpacklo_epi16(a, b), x1 = _mm512_unpackhi_epi16(a, b);
+    for (int64_t d = 0; d < D; d += 64) {
+      __m512i lo[2][G], hi[2][G];
+      const int C = D - d >= 64 ? 2 : 1;
+      if (C == 2)
+        block_vnni<G, 2>(w16, S2, v, ldv, s0, s1, S, d, D, lo, hi);
+      else
+        block_vnni<G, 1>(w16, S2, v, ldv, s0, s1, S, d, D, lo, hi);
+      for (int c = 0; c < C; ++c)
         for (int g = 0; g < G; ++g) {
-          int32_t pair;
-          std::memcpy(&pair, w16 + g * S2 + s, sizeof pair);
-          const __m512i p = _mm512_set1_epi32(pair);
-          lo[g] = _mm512_dpwssd_epi32(lo[g], x0, p);
-          hi[g] = _mm512_dpwssd_epi32(hi[g], x1, p);
+          const __m512 u = _mm512_set1_ps(unit[g]);
+          float* o = out + g * D + d + 32 * c;
+          const __m512 y0 = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo[c][g], first16, hi[c][g]));
+          const __m512 y1 = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo[c][g], last16, hi[c][g]));
+          _mm512_storeu_ps(o, _mm512_fmadd_ps(y0, u, _mm512_loadu_ps(o)));
+          _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(y1, u, _mm512_loadu_ps(o + 16)));
         }
-      }
-      for (int g = 0; g < G; ++g) {
-        const __m512 u = _mm512_set1_ps(unit[g]);
-        float* o = out + g * D + d;
-        const __m512 y0 = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo[g], first16, hi[g]));
-        const __m512 y1 = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo[g], last16, hi[g]));
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(y0, u, _mm512_loadu_ps(o)));
-        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(y1, u, _mm512_loadu_ps(o + 16)));
-      }
     }
   }
 }
