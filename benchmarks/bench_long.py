@@ -11,7 +11,10 @@ memory along the way (flat once the window is full).
 By default the sequence reaches 16k through chunked prefill (O(n·W), the window's chunks) and
 then decodes; `--decode-all` decodes one token at a time from position 100 instead, recording
 tokens/s every 1024 positions. Short and long caches then decode in alternating bursts, medians
-reported. Memory: resident set (RSS) and cache bytes at each checkpoint on the way.
+reported, and the median of each round's far ÷ near (bursts next to each other in time share the
+machine's speed of the moment). Beside it the ratio the bytes allow: (weights + near keys and
+values) ÷ (weights + the window's keys and values), what a step bound by memory would reach.
+Memory: resident set (RSS) and cache bytes at each checkpoint on the way.
 """
 
 from __future__ import annotations
@@ -91,12 +94,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  prefilled to {pos}: RSS {rss() / 2**20:.0f} MB, cache {long.nbytes() / 2**20:.0f} MB",
                       file=sys.stderr, flush=True)
             tok_l = common.greedy(logits)
-        near, far, far_avx2 = [], [], []
+        near, far, far_avx2, paired = [], [], [], []
         for _ in range(args.repeats):
             r, tok_s = burst(model, tok_s, short, args.burst)
             near.append(r)
             r, tok_l = burst(model, tok_l, long, args.burst)
             far.append(r)
+            paired.append(far[-1] / near[-1])
             if args.vnni_ab:
                 with fast.int8_vnni(False):
                     r, tok_l = burst(model, tok_l, long, args.burst)
@@ -112,6 +116,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "memory": memory, "rates": rates, "peak_rss_MB": common.peak_rss() / 2**20,
     }
     result["ratio_far_near"] = result["tok_s_far"] / result["tok_s_near"]
+    result["ratio_far_near_paired"] = statistics.median(paired)
+    result["ratio_far_near_rounds"] = paired
+    # what a memory-bound step allows: bytes read per step near and far (weights + the keys/values attended)
+    weights = common.weight_bytes_per_token(model)
+    per_slot = long.nbytes() / long.allocated  # keys, values and scales of one slot, every layer
+    near_bytes = weights + per_slot * min(result["position_near"], args.window)
+    far_bytes = weights + per_slot * min(result["position_far"], args.window)
+    result.update(weight_MB=weights / 2**20, cache_read_far_MB=(far_bytes - weights) / 2**20,
+                  ratio_bytes_bound=near_bytes / far_bytes)
     if far_avx2:
         result["tok_s_far_avx2_attention"] = statistics.median(far_avx2)
     # Growth = last minus first checkpoint once the window is full (the allocator's churn makes
@@ -128,7 +141,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(common.table(rows, [("position", "position", "s"), ("tok_s", f"decode tok/s ({label})", ".1f")]))
     if after:
         lo, hi = result["rss_range_after_window_MB"]
-        print(f"ratio far/near: {result['ratio_far_near']:.2f}; RSS growth after the window: "
+        print(f"ratio far/near: {result['ratio_far_near']:.3f} (medians), {result['ratio_far_near_paired']:.3f} "
+              f"(median of rounds); the bytes allow {result['ratio_bytes_bound']:.3f} "
+              f"({result['weight_MB']:.0f} MB of weights, {result['cache_read_far_MB']:.1f} MB of cache far)")
+        print(f"RSS growth after the window: "
               f"{result['rss_growth_after_window_MB']:+.0f} MB (range {lo:.0f}-{hi:.0f} MB); "
               f"cache {memory[-1]['cache_MB']:.0f} MB")
     return result
