@@ -122,6 +122,37 @@ def test_generate_with_an_int8_kv_cache(saved, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_generate_takes_the_fused_step_without_compile_once_the_kernels_are_built(saved, capsys, monkeypatch):
+    """Without --compile, `generate` runs the fused C++ step (no compiler: `compile_decode(backend=None)`)
+    where the kernels are already built, with the library's greedy output; where they are not, plain
+    eager decoding and a one-line tip; --eager: plain decoding, no tip."""
+    from mistral_torch import fast
+
+    folder, model, tok = saved
+    expected = generate(model, tok, "Le chat", max_new_tokens=12)[0]
+    calls = []
+    original = Transformer.compile_decode
+    monkeypatch.setattr(Transformer, "compile_decode",
+                        lambda self, *a, **k: calls.append(k) or original(self, *a, **k))
+    argv = ["generate", "--model", str(folder), "Le chat", "--max-new-tokens", "12", "--no-stream"]
+    capsys.readouterr()
+    if fast.kernels_supported() and fast.cpp_kernels():
+        assert fast.kernels_ready()
+        assert main(argv) == 0
+        out, err = capsys.readouterr()
+        assert out == expected + "\n" and "tip" not in err
+        assert calls == [dict(backend=None, pack=False)]
+    calls.clear()
+    monkeypatch.setattr(fast, "kernels_ready", lambda: False)
+    monkeypatch.setattr(fast, "kernels_supported", lambda: True)
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n" and "--compile builds this CPU's fast decode kernels" in err and calls == []
+    assert main([*argv, "--eager"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n" and "tip" not in err and calls == []
+
+
 @pytest.mark.slow
 def test_generate_aot(saved, capsys):
     """--aot: the one-prompt step compiled ahead of time gives the library's greedy output."""

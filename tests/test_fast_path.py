@@ -380,6 +380,8 @@ def test_cpp_kernels_build_where_they_should():
     """Where the kernels are meant to run, they build: a compile error in `decode_kernels.cpp` must
     fail here, not skip every test marked `needs_kernels`."""
     assert fast.cpp_kernels(), "csrc/decode_kernels.cpp did not build (see the warning)"
+    # built in a folder named after the source, flags and versions: `kernels_ready` trusts what it finds there
+    assert (fast._kernel_build_dir() / "mistral_torch_cpu.so").exists() and fast.kernels_ready()
 
 
 def test_kernel_build_failure_falls_back_with_a_warning(monkeypatch):
@@ -778,6 +780,30 @@ def test_fused_decode_step_equals_the_plain_path(dtype, kv, window, rows):
         top2 = want.float().topk(2, dim=-1).values
         clear = top2[..., 0] - top2[..., 1] > 2 * tol
         assert clear.sum() >= 5 and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+@needs_kernels
+def test_compile_decode_without_a_compiler_fuses_what_it_can_and_runs_the_rest_eagerly():
+    """`compile_decode(backend=None)` (the CLI's default once the kernels are built): one-row steps
+    through the fused C++ step, a batch larger than it takes through the eager `_run`, nothing
+    compiled; logits those of the plain path, far past a window of 8."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(seed=53, sliding_window=8)
+    tokens = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(53))
+    rows = FusedDecoder(model).max_rows + 1
+    batch = torch.randint(0, 512, (rows, 30), generator=torch.Generator().manual_seed(54))
+    want_one, _ = decode(model, tokens, 5)
+    want_batch, _ = decode(model, batch, 5)
+    model.compile_decode(backend=None)
+    counters.clear()
+    got_one, _ = decode(model, tokens, 5)
+    assert model._fused_step.steps == 25
+    got_batch, _ = decode(model, batch, 5)
+    assert model._fused_step.steps == 25  # the batch went to the eager step
+    assert counters["stats"]["unique_graphs"] == 0
+    assert (got_one - want_one).abs().max() <= TOL * want_one.abs().max()
+    assert (got_batch - want_batch).abs().max() <= TOL * want_batch.abs().max()
 
 
 @needs_kernels

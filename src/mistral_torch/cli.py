@@ -62,6 +62,9 @@ def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
                         "int4/nf4 weights) compiled ahead of time by AOTInductor: one C++ call per token, "
                         "7-13 %% faster than torch.compile's on a CPU; ~30 s to build once, then loaded from "
                         "inductor's on-disk cache in about a second")
+    p.add_argument("--eager", action="store_true",
+                   help="plain PyTorch decoding, even where the fast C++ step is built (by default, once "
+                        "--compile has built it on this machine, it runs without --compile: nothing to wait for)")
     add_kv_cache_flag(p)
 
 
@@ -117,9 +120,25 @@ def _load_for_generation(args: argparse.Namespace):
         model.compile_decode(aot=args.aot)
         if not args.quiet:
             print("[compiling the decode step: the first tokens wait for it]", file=sys.stderr, flush=True)
+    elif not args.eager:
+        _fast_decode_if_ready(model, quiet=args.quiet)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
     return model, tokenizer, config
+
+
+def _fast_decode_if_ready(model, quiet: bool) -> None:
+    """Without --compile: the fused C++ decode step where it costs nothing to start (the kernels are
+    built on this machine already), no compiler; else plain eager decoding, with a hint."""
+    from . import fast
+
+    if model.device.type != "cpu" or not fast.kernels_supported():
+        return
+    if fast.kernels_ready():
+        model.compile_decode(backend=None, pack=False)
+    elif not quiet:
+        print("[tip: --compile builds this CPU's fast decode kernels once (~20 s); later runs use them "
+              "by default]", file=sys.stderr, flush=True)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import platform
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -478,25 +480,55 @@ def avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
+_KERNEL_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+
+
+def kernels_supported() -> bool:
+    """x86 with AVX2 or AVX-512, and not switched off (MISTRAL_TORCH_CPP_KERNELS=0)."""
+    if os.environ.get("MISTRAL_TORCH_CPP_KERNELS", "1") == "0":
+        return False
+    cpu = torch.backends.cpu.get_cpu_capability()
+    return platform.machine().lower() in ("x86_64", "amd64") and cpu in KERNEL_CPUS
+
+
+def _kernel_build_dir() -> Path:
+    """Where the kernels are built: torch's extension folder, one subfolder per source, flags and
+    torch/Python version, so that a built library is never stale (`kernels_ready`)."""
+    from torch.utils import cpp_extension
+
+    key = hashlib.sha1(b"\0".join([_CSRC.read_bytes(), " ".join(_KERNEL_CFLAGS).encode(),
+                                   torch.__version__.encode(), sys.version.encode()])).hexdigest()[:16]
+    return Path(cpp_extension.get_default_build_root()) / f"mistral_torch_cpu_{key}"
+
+
+def kernels_ready() -> bool:
+    """Whether the C++ kernels can be used at once: loaded, or built on this machine for this source
+    (then loading takes well under a second), not ~15 s of compiling first (`cpp_kernels`)."""
+    if _kernels_loaded:
+        return True
+    if not kernels_supported():
+        return False
+    return (_kernel_build_dir() / "mistral_torch_cpu.so").exists()
+
+
 @functools.lru_cache(maxsize=None)
 def cpp_kernels() -> bool:
-    """Build (first call: ~15 s; later processes load it from torch's extension cache) and load
+    """Build (first call: ~15 s; later processes load it from torch's extension folder) and load
     `csrc/decode_kernels.cpp`; whether its ops are usable. False, with a warning saying why, where
     the build fails; False quietly on CPUs other than x86 with AVX2 (or AVX-512) or with
     MISTRAL_TORCH_CPP_KERNELS=0."""
     global _kernels_loaded
-    if os.environ.get("MISTRAL_TORCH_CPP_KERNELS", "1") == "0":
-        return False
-    cpu = torch.backends.cpu.get_cpu_capability()
-    if platform.machine().lower() not in ("x86_64", "amd64") or cpu not in KERNEL_CPUS:
+    if not kernels_supported():
         return False
     try:
         from torch.utils import cpp_extension
 
+        build_dir = _kernel_build_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
         with _ninja_on_path():
             cpp_extension.load("mistral_torch_cpu", [str(_CSRC)], is_python_module=False,
-                               extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                               extra_ldflags=["-fopenmp"])
+                               extra_cflags=_KERNEL_CFLAGS, extra_ldflags=["-fopenmp"],
+                               build_directory=str(build_dir))
     except Exception as e:  # no compiler, no ninja, ...: the plain kernels still work
         warnings.warn(f"mistral-torch: C++ decode kernels unavailable ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using torch's kernels")

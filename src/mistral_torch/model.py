@@ -326,7 +326,7 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ compiled decode
     def compile_decode(self, mode: str | None = None, options: dict | None = None,
-                       backend: str = "inductor", pack: bool | None = None,
+                       backend: str | None = "inductor", pack: bool | None = None,
                        kernels: bool | None = None, aot: bool = False, fused: bool = True) -> "Transformer":
         """Compile the one-token decode step (used under `torch.no_grad`/`inference_mode`).
 
@@ -354,6 +354,10 @@ class Transformer(nn.Module):
         Without a mode, guards on modules are skipped (they cost ~0.4 ms a step); instead the step
         is recompiled when the set of modules or the dtype changes (apply_lora, quantize, `.to()`).
 
+        `backend=None`: no compiler at all: the fused step where it applies (CPU, C++ kernels),
+        every other step eager, with the C++ decode attention and small-row linears (what `mistral-torch
+        generate` does by default once the kernels are built: nothing waits for a compiler).
+
         `fused` (default; with the C++ kernels, no mode): steps of plain models (float or int8
         weights; no LoRA, int4 or nf4 linears) of up to 8 rows (16 for small models and, with AVX512_BF16, bf16 ones),
         each continuing at its next position, run as one C++ call (`fused.py`) that nothing
@@ -364,17 +368,19 @@ class Transformer(nn.Module):
         self._compile_args = (mode, options, backend, pack, kernels, aot, fused)
         kwargs = dict(mode=mode, options=options) if backend == "inductor" else {}
         cpu_inductor = backend == "inductor" and mode is None and self.device.type == "cpu"
-        use_kernels = cpu_inductor and kernels is not False and fast.cpp_kernels()  # built once
+        cpu_eager = backend is None and self.device.type == "cpu"
+        use_kernels = (cpu_inductor or cpu_eager) and kernels is not False and fast.cpp_kernels()  # built once
         # oneDNN's packed copy: where the C++ kernels are off (it takes the decode rows), and on
         # AVX-512 CPUs (it takes the prefill rows: 1.03-1.33x oneDNN on the plain weight there,
         # 1.06x a 512-token fp32 prefill; docs/speed.md) where the copy takes at most half the
         # memory available, unless the step is to be compiled ahead of time, which cannot call it
         onednn = pack if pack is not None else not use_kernels or (fast.avx512() and not aot
                                                                     and fast.packed_copy_fits(self))
-        if cpu_inductor:
+        if cpu_inductor or use_kernels:
             fast.pack_linears(self)
             if fast.HUGE_PAGES:
                 fast.huge_page_weights(self)
+        if cpu_inductor:
             kwargs["options"] = {**fast.INDUCTOR_OPTIONS, **(options or {})}
         for m in self.modules():  # also the PackedLinears of an earlier compile_decode
             if isinstance(m, fast.PackedLinear):
@@ -390,7 +396,9 @@ class Transformer(nn.Module):
         # graphs per code object, so each model compiles its own copy of `_run`'s code.
         run = Transformer._run
         own_run = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, run.__defaults__)
-        self._decode_step = torch.compile(types.MethodType(own_run, self), backend=backend, **kwargs)
+        self._decode_step = types.MethodType(own_run, self)
+        if backend is not None:
+            self._decode_step = torch.compile(self._decode_step, backend=backend, **kwargs)
         # Ahead of time: CPU inductor steps whose weights are not oneDNN-packed (their graph op is
         # Python); packing is the default only where the C++ kernels are off.
         self._aot_step = AotDecoder(self) if aot and cpu_inductor and not onednn else None
