@@ -302,6 +302,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the decode step, compiled before serving (30-60 s on a CPU; faster "
                         "decoding of the running batch; on x86 AVX2/AVX-512 CPUs with two C++ kernels built once, "
                         "and on AVX-512 and other CPUs with weights packed for oneDNN: 2x memory)")
+    p.add_argument("--eager", action="store_true",
+                   help="plain PyTorch decoding, even where the fast C++ step is built (by default, once "
+                        "it is built on this machine, batches it takes run through it without --compile)")
     add_kv_cache_flag(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight may take to finish after SIGTERM (default: 30)")
@@ -340,6 +343,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.compile:
         print("compiling the decode step for every batch size up to --max-batch-size ...", flush=True)
         model.eval().compile_decode().warm_up_decode(max_batch_size=args.max_batch_size)
+    elif not args.eager:
+        _fast_decode_if_ready(model, quiet=False)
     name = args.model_name or (args.model if args.model and not os.path.exists(args.model) else path.name)
     api_key = args.api_key or os.environ.get("MISTRAL_TORCH_API_KEY") or None
     print(f"serving {name} ({model.args.n_params:,} parameters) at http://{args.host}:{args.port}/ "
