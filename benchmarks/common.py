@@ -7,8 +7,8 @@ measured in a fresh child process per contender (`peak_memory`), as RSS high-wat
     make_model(args, dtype)       our Transformer, seeded random weights
     hf_model(model)               transformers' MistralForCausalLM holding the same weights
     write_gguf(model, path, kind) a minimal llama.cpp GGUF (f32, f16 or q8_0) of the same weights
-    copy_bandwidth()              measured memory copy bandwidth (read + write bytes per second)
-    matmul_flops()                measured fp32 matmul throughput at prefill shapes
+    copy_bandwidth(device=...)    measured memory copy bandwidth (read + write bytes per second), CPU or GPU
+    matmul_flops(device=...)      measured matmul throughput at prefill shapes
 """
 
 from __future__ import annotations
@@ -49,7 +49,13 @@ def hf_model(model: Transformer, attn: str = "sdpa"):
     config = transformers.MistralConfig(**cfg)
     config._attn_implementation = attn
     w = model.lm_head.weight
-    hf = transformers.MistralForCausalLM(config).to(device=w.device, dtype=w.dtype)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(w.dtype)  # built in place, in the weights' dtype (a 7B model on a GPU: seconds)
+    try:
+        with torch.device(w.device):
+            hf = transformers.MistralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(before)
     hf.load_state_dict(model.state_dict(), strict=True)
     return hf.eval()
 
@@ -67,37 +73,52 @@ def weight_bytes_per_token(model: Transformer) -> int:
 
 
 # ---------------------------------------------------------------- machine measurements
-def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
-    """Memory copy bandwidth in bytes/s (bytes read + bytes written), median of `repeats`."""
-    src = torch.ones(nbytes // 4)
+def sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously); nothing on a CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7, device: str = "cpu") -> float:
+    """Memory copy bandwidth in bytes/s (bytes read + bytes written), median of `repeats`: main
+    memory on a CPU, the GPU's own memory (HBM) on a GPU (1 GiB there, past its caches)."""
+    if torch.device(device).type == "cuda":
+        nbytes = max(nbytes, 2**30)
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = []
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * nbytes / statistics.median(times)
 
 
 def matmul_flops(m: int = 512, k: int = 768, n: int = 2048, dtype: torch.dtype = torch.float32,
-                 repeats: int = 9) -> float:
+                 repeats: int = 9, device: str = "cpu") -> float:
     """Matmul throughput (FLOP/s) of (m, k) @ (k, n), median of `repeats` batches of calls: the
-    faster of the BLAS call (`F.linear`) and oneDNN with a packed weight (`fast.PackedLinear`)."""
+    faster of the BLAS call (`F.linear`) and, on a CPU, oneDNN with a packed weight
+    (`fast.PackedLinear`)."""
     from mistral_torch.fast import PackedLinear, packing_supported
 
-    a, linear = torch.randn(m, k, dtype=dtype), torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False)
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    linear = torch.nn.Linear(k, n, bias=False, dtype=dtype, device=device).requires_grad_(False)
     calls = [lambda: torch.nn.functional.linear(a, linear.weight)]
-    if packing_supported(dtype):
+    if torch.device(device).type == "cpu" and packing_supported(dtype):
         calls.append(lambda packed=PackedLinear.from_linear(linear): packed(a))
     best = 0.0
     for call in calls:
         call()
         times = []
         for _ in range(repeats):
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(8):
                 call()
+            sync(device)
             times.append((time.perf_counter() - t0) / 8)
         best = max(best, 2 * m * k * n / statistics.median(times))
     return best

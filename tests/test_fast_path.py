@@ -621,6 +621,47 @@ def test_bench_decode_runs_int8_weights(tmp_path):
     assert 0.25 < int8["weight_MB"] / fp32["weight_MB"] < 0.3  # 1 byte a weight + fp32 scales, norms in fp32
 
 
+def test_bench_prefill_runs(tmp_path):
+    """bench_prefill's plumbing on the tiny preset: ours and transformers against the matmul peak
+    measured between rounds (fp32 on a CPU), JSON rows that say which peak."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_prefill.py"
+    out = tmp_path / "prefill.json"
+    run = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--dtypes", "fp32", "--prompt", "32",
+                          "--repeats", "1", "--no-llama", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"mistral-torch", "transformers"} <= set(rows)
+    assert all(r["matmul_peak_dtype"] == "fp32" and r["matmul_GFLOPs"] > 0 and 0 < r["pct_matmul_peak"]
+               for r in rows.values())
+
+
+@needs_kernels
+def test_bench_long_runs(tmp_path):
+    """bench_long's plumbing on the tiny preset past a window of 16 with an int8 cache in the fused
+    step: both positions timed, the paired ratio per round, and the ratio the bytes allow (< 1: the
+    far step reads the window's keys and values besides the weights)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_long.py"
+    out = tmp_path / "long.json"
+    run = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--window", "16", "--short", "4",
+                          "--long", "80", "--burst", "3", "--repeats", "2", "--compile", "--kv-cache", "int8",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["position_far"] > 80 > 16 > r["position_near"] and r["fused_steps"] == r["decode_steps"]
+    assert len(r["ratio_far_near_rounds"]) == 2 and r["ratio_far_near_paired"] > 0
+    assert 0.5 < r["ratio_bytes_bound"] < 1 and r["cache_read_far_MB"] > 0
+
+
 def _cpu_flags() -> set[str]:
     try:
         return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
