@@ -305,6 +305,33 @@ def test_compiled_step_follows_module_swaps():
 
 
 # ---------------------------------------------------------------- C++ few-row kernel (AVX2)
+def test_other_compiled_code_that_registers_modules_compiles_once():
+    """The module-registration hook this package installs (it tells the compiled step that LoRA or
+    quantization swapped modules) runs for every module in the process. Code that registers modules
+    inside a compiled forward (transformers slices its ModuleList) must not see it as a changed
+    global: before, each call recompiled, and under fullgraph=True the recompile limit was an error."""
+    from torch._dynamo.utils import counters
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers[:2]:  # a new ModuleList: registers its modules
+                x = layer(x)
+            return x
+
+    torch._dynamo.reset()
+    counters.clear()
+    net = Net()
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    x = torch.randn(2, 4)
+    for _ in range(12):
+        assert torch.allclose(compiled(x), net.layers[1](net.layers[0](x)))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 needs_kernels = pytest.mark.skipif(not fast.cpp_kernels(), reason="C++ kernels unavailable here (not x86 AVX2/AVX-512, or no compiler)")
 ULP = {torch.float32: 2.0 ** -20, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 

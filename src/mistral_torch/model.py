@@ -40,7 +40,13 @@ _module_registrations = 0  # submodules registered anywhere (apply_lora, quantiz
 
 
 def _count_module_registration(module: nn.Module, name: str, submodule: nn.Module) -> None:
+    """Every module in the process calls this hook, also inside other code that torch.compile traces
+    (transformers slices its ModuleList in forward): there it does nothing, since a global changed
+    in a traced function is a guard that fails on every call (a recompile each step, and an error
+    under fullgraph=True). Swaps that matter here (LoRA, quantization) happen outside compiled code."""
     global _module_registrations
+    if torch.compiler.is_compiling():
+        return
     _module_registrations += 1
 
 
