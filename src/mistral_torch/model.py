@@ -239,14 +239,19 @@ class Transformer(nn.Module):
         return cls(ModelArgs.from_name(name))
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Transformer":
-        """Normal(0, std) linear/embedding weights, unit norms (transformers' initialisation)."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        """Normal(0, std) linear/embedding weights, unit norms (transformers' initialisation).
+        Drawn on the parameters' device (a 7B model on a GPU: seconds, not minutes of CPU draws);
+        with `seed`, the same weights on every run on that kind of device."""
+        generators: dict[torch.device, torch.Generator] = {}
         for name, p in self.named_parameters():
             with torch.no_grad():
                 if name.endswith("layernorm.weight") or name == "model.norm.weight":
                     p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+                    continue
+                gen = None
+                if seed is not None:
+                    gen = generators.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device=p.device) * std)
         return self
 
     def new_cache(self, batch_size: int, capacity: int | None = None,
