@@ -411,6 +411,16 @@ def test_cpp_kernels_build_where_they_should():
     assert (fast._kernel_build_dir() / "mistral_torch_cpu.so").exists() and fast.kernels_ready()
 
 
+def test_kernel_build_folder_follows_torch_extensions_dir(monkeypatch, tmp_path):
+    """$TORCH_EXTENSIONS_DIR moves the build (as it moves torch's own): an empty one has nothing
+    built, so the command line would decode eagerly and print its tip rather than wait ~20 s."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert fast._kernel_build_dir().parent == tmp_path
+    monkeypatch.setattr(fast, "_kernels_loaded", False)
+    monkeypatch.setattr(fast, "kernels_supported", lambda: True)
+    assert not fast.kernels_ready()
+
+
 def test_kernel_build_failure_falls_back_with_a_warning(monkeypatch):
     """No compiler (or ninja): a warning that says why, and the compiled step keeps torch's kernels."""
     from torch.utils import cpp_extension

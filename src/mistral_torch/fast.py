@@ -492,13 +492,15 @@ def kernels_supported() -> bool:
 
 
 def _kernel_build_dir() -> Path:
-    """Where the kernels are built: torch's extension folder, one subfolder per source, flags and
-    torch/Python version, so that a built library is never stale (`kernels_ready`)."""
+    """Where the kernels are built: torch's extension folder ($TORCH_EXTENSIONS_DIR, else its
+    default), one subfolder per source, flags and torch/Python version, so that a built library is
+    never stale (`kernels_ready`)."""
     from torch.utils import cpp_extension
 
     key = hashlib.sha1(b"\0".join([_CSRC.read_bytes(), " ".join(_KERNEL_CFLAGS).encode(),
                                    torch.__version__.encode(), sys.version.encode()])).hexdigest()[:16]
-    return Path(cpp_extension.get_default_build_root()) / f"mistral_torch_cpu_{key}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / f"mistral_torch_cpu_{key}"
 
 
 def kernels_ready() -> bool:
