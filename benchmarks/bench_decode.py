@@ -308,16 +308,14 @@ def summarize(results: dict[str, Any]) -> None:
                     and r["batch"] == 1), default=None)
     if ours_best and hf_eager:
         checks["best mistral-torch / best transformers eager (b1)"] = ours_best / hf_eager
-    for dtype in {r["dtype"] for r in rows}:  # a GPU's contender: transformers with a static cache + compile
-        hf_static = [r["tok_s"] for r in rows if r["impl"] == "transformers" and r["batch"] == 1
-                     and r["dtype"] == dtype and r["mode"] == "static cache + compile"]
-        if hf_static and best("mistral-torch", dtype):
-            checks[f"{dtype}: best mistral-torch / transformers static cache + compile (b1)"] = \
-                best("mistral-torch", dtype) / hf_static[0]
     for dtype in {r["dtype"] for r in rows}:
         o1, o8 = best("mistral-torch", dtype), best("mistral-torch", dtype, 8)
         if o1 and o8:
             checks[f"{dtype}: batch-8 / batch-1 aggregate tok/s"] = o8 / o1
+        hf_static = [r["tok_s"] for r in rows if r["impl"] == "transformers" and r["batch"] == 1
+                     and r["dtype"] == dtype and r["mode"] == "static cache + compile"]  # a GPU's contender
+        if o1 and hf_static:
+            checks[f"{dtype}: best mistral-torch / transformers static cache + compile (b1)"] = o1 / hf_static[0]
         for r in rows:  # the same weight precision: fp32 / f32, bf16 or fp16 / f16, int8 / q8_0
             if r["impl"] == "llama.cpp" and r["dtype"] == dtype:
                 ours_same = best("mistral-torch", dtype, int8=r["mode"] == "q8_0")
