@@ -248,9 +248,9 @@ class Transformer(nn.Module):
                 if name.endswith("layernorm.weight") or name == "model.norm.weight":
                     p.fill_(1.0)
                     continue
-                gen = None
-                if seed is not None:
-                    gen = generators.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+                if seed is not None and p.device not in generators:
+                    generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+                gen = generators.get(p.device)
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device=p.device) * std)
         return self
 
@@ -400,16 +400,17 @@ class Transformer(nn.Module):
                     m._packed, m._packed_key = None, None
             elif isinstance(m, Attention):
                 m.cpp_decode = use_kernels
-        if kwargs.get("mode") is None:  # torch.compile takes a mode or options, not both
-            kwargs["options"] = {**(kwargs.get("options") or {}),
-                                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        # Without module guards, compiled graphs must not be shared between models: dynamo caches
-        # graphs per code object, so each model compiles its own copy of `_run`'s code.
-        run = Transformer._run
-        own_run = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, run.__defaults__)
-        self._decode_step = types.MethodType(own_run, self)
-        if backend is not None:
-            self._decode_step = torch.compile(self._decode_step, backend=backend, **kwargs)
+        if backend is None:  # no compiler: the steps the fused one does not take run eagerly
+            self._decode_step = self._run
+        else:
+            if kwargs.get("mode") is None:  # torch.compile takes a mode or options, not both
+                kwargs["options"] = {**(kwargs.get("options") or {}),
+                                     "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            # Without module guards, compiled graphs must not be shared between models: dynamo caches
+            # graphs per code object, so each model compiles its own copy of `_run`'s code.
+            run = Transformer._run
+            own_run = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, run.__defaults__)
+            self._decode_step = torch.compile(types.MethodType(own_run, self), backend=backend, **kwargs)
         # Ahead of time: CPU inductor steps whose weights are not oneDNN-packed (their graph op is
         # Python); packing is the default only where the C++ kernels are off.
         self._aot_step = AotDecoder(self) if aot and cpu_inductor and not onednn else None
